@@ -1,0 +1,47 @@
+"""eventsource: event sourcing on SQLAlchemy 2, with exactly-once projections.
+
+Append events with :class:`EventStore` in your own transaction; keep read models in
+step with projections run by a :class:`Processor` or :class:`Runner`.
+"""
+
+from __future__ import annotations
+
+from eventsource.database import create_engine, database_url, downgrade, upgrade
+from eventsource.errors import (
+    ConfigurationError,
+    DuplicateEventError,
+    EventSourceError,
+    OptimisticConcurrencyError,
+    PartitionCountChangedError,
+    ProjectionError,
+    SchemaMissingError,
+    ValidationError,
+)
+from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
+from eventsource.models import TableNames
+from eventsource.partition import HashPartitionStrategy, PartitionStrategy
+from eventsource.store import EventStore
+
+__all__ = [
+    "AppendResult",
+    "ConfigurationError",
+    "DuplicateEventError",
+    "Event",
+    "EventSourceError",
+    "EventStore",
+    "ExpectedVersion",
+    "HashPartitionStrategy",
+    "OptimisticConcurrencyError",
+    "PartitionCountChangedError",
+    "PartitionStrategy",
+    "PersistedEvent",
+    "ProjectionError",
+    "SchemaMissingError",
+    "Stream",
+    "TableNames",
+    "ValidationError",
+    "create_engine",
+    "database_url",
+    "downgrade",
+    "upgrade",
+]

@@ -1,0 +1,154 @@
+"""Connecting and migrating: URL rules, engine set-up per dialect, Alembic commands.
+
+One environment variable, ``DATABASE_URL``, is read here and nowhere else; an explicit
+argument always wins. Plain ``postgresql://`` / ``postgres://`` URLs mean psycopg 3.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from eventsource import models
+
+DATABASE_URL_ENV = "DATABASE_URL"
+DEFAULT_URL = "sqlite:///eventsource.db"
+#: The library's own Alembic version table, so it never collides with an application's.
+VERSION_TABLE = "eventsource_alembic_version"
+#: ``config.attributes`` key through which callers pass :class:`~eventsource.models.TableNames`.
+TABLE_NAMES_ATTRIBUTE = "eventsource.table_names"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def database_url(url: str | sa.URL | None = None) -> sa.URL:
+    """The URL to use: ``url``, else ``$DATABASE_URL``, else a SQLite file in the cwd."""
+    raw = url if url is not None else os.environ.get(DATABASE_URL_ENV) or DEFAULT_URL
+    parsed = sa.make_url(raw)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def create_engine(url: str | sa.URL | None = None, **kwargs: Any) -> sa.Engine:
+    """An Engine set up the way the store and processors need it.
+
+    On SQLite this applies SQLAlchemy's pysqlite recipe: the driver's own transaction
+    handling is turned off and every transaction starts with ``BEGIN IMMEDIATE``, so
+    concurrent writers queue on the busy timeout instead of failing with "database is
+    locked" when a read lock is upgraded, and savepoints work. WAL mode lets readers
+    run beside the writer.
+    """
+    resolved = database_url(url)
+    engine = sa.create_engine(resolved, **kwargs)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine, in_memory=resolved.database in (None, "", ":memory:"))
+    return engine
+
+
+def _configure_sqlite(engine: sa.Engine, *, in_memory: bool) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def alembic_config(
+    url: str | sa.URL | None = None,
+    *,
+    connection: sa.Connection | None = None,
+    table_names: models.TableNames | None = None,
+) -> Config:
+    """An Alembic Config for the library's migrations, with no ``alembic.ini`` needed."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    config.set_main_option("version_table", VERSION_TABLE)
+    if connection is None:
+        rendered = database_url(url).render_as_string(hide_password=False)
+        config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    else:
+        config.attributes["connection"] = connection
+    if table_names is not None:
+        config.attributes[TABLE_NAMES_ATTRIBUTE] = table_names
+    return config
+
+
+def migrations_path() -> Path:
+    """Folder of the library's Alembic scripts (``env.py`` and ``versions/``)."""
+    return Path(str(resources.files("eventsource") / "migrations"))
+
+
+@contextmanager
+def _connected(
+    target: sa.Engine | sa.Connection | str | sa.URL | None,
+) -> Iterator[sa.Connection]:
+    if isinstance(target, sa.Connection):
+        yield target
+        return
+    engine = target if isinstance(target, sa.Engine) else create_engine(target)
+    try:
+        with engine.begin() as connection:
+            yield connection
+    finally:
+        if engine is not target:
+            engine.dispose()
+
+
+def upgrade(
+    target: sa.Engine | sa.Connection | str | sa.URL | None = None,
+    revision: str = "head",
+    *,
+    table_names: models.TableNames | None = None,
+) -> None:
+    """Apply the library's migrations (``alembic upgrade head``) programmatically."""
+    with _connected(target) as connection:
+        command.upgrade(
+            alembic_config(connection=connection, table_names=table_names), revision
+        )
+
+
+def downgrade(
+    target: sa.Engine | sa.Connection | str | sa.URL | None = None,
+    revision: str = "base",
+    *,
+    table_names: models.TableNames | None = None,
+) -> None:
+    """Revert the library's migrations (default: remove its tables)."""
+    with _connected(target) as connection:
+        command.downgrade(
+            alembic_config(connection=connection, table_names=table_names), revision
+        )
+
+
+def current_revision(target: sa.Engine | sa.Connection | str | sa.URL | None = None) -> str | None:
+    """The library schema revision the database is at (None when not migrated)."""
+    with _connected(target) as connection:
+        context = MigrationContext.configure(
+            connection, opts={"version_table": VERSION_TABLE}
+        )
+        return context.get_current_revision()
+
+
+def head_revision() -> str | None:
+    """The newest revision the installed library ships."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()

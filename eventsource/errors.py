@@ -1,0 +1,85 @@
+"""Every error the library raises derives from :class:`EventSourceError`.
+
+::
+
+    EventSourceError
+    ├── ValidationError (also ValueError)      bad input; nothing was written
+    │   └── DuplicateEventError                an event id is already stored or repeated
+    ├── OptimisticConcurrencyError             the stream moved; reload and retry
+    ├── ConfigurationError (also ValueError)   a projection or processor is set up wrongly
+    │   └── PartitionCountChangedError         checkpoints were written with another total
+    ├── SchemaMissingError                     the database has not been migrated
+    └── ProjectionError                        a projection's handler raised (see __cause__)
+"""
+
+from __future__ import annotations
+
+
+class EventSourceError(Exception):
+    """Base class of every error raised by eventsource."""
+
+
+class ValidationError(EventSourceError, ValueError):
+    """Input was rejected before anything was written."""
+
+
+class DuplicateEventError(ValidationError):
+    """An event id appears twice in one append, or is already in the store."""
+
+
+class OptimisticConcurrencyError(EventSourceError):
+    """The aggregate's stream is not at the expected version: reload it and retry.
+
+    Also raised when a newer transaction has already appended to the aggregate
+    (see DESIGN invariant 3); retrying in a new transaction succeeds.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        bounded_context: str,
+        aggregate_type: str,
+        aggregate_id: str,
+        expected: object,
+        actual: int | None,
+    ) -> None:
+        super().__init__(message)
+        self.bounded_context = bounded_context
+        self.aggregate_type = aggregate_type
+        self.aggregate_id = aggregate_id
+        self.expected = expected
+        self.actual = actual
+
+
+class ConfigurationError(EventSourceError, ValueError):
+    """A projection, processor or runner is configured wrongly."""
+
+
+class PartitionCountChangedError(ConfigurationError):
+    """A projection's checkpoints were written with a different partition count."""
+
+
+class SchemaMissingError(EventSourceError):
+    """The eventsource tables are missing: run ``alembic upgrade head`` (or ``eventsource db upgrade``)."""
+
+
+class ProjectionError(EventSourceError):
+    """A projection's handler raised; the batch was rolled back. The cause is chained."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        projection: str,
+        partition_key: int,
+        global_position: int | None,
+        aggregate_id: str | None = None,
+        event_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.projection = projection
+        self.partition_key = partition_key
+        self.global_position = global_position
+        self.aggregate_id = aggregate_id
+        self.event_type = event_type

@@ -1,0 +1,261 @@
+"""The three tables, as SQLAlchemy models, on PostgreSQL and SQLite.
+
+Table names are configurable (:class:`TableNames`); :func:`define_tables` builds Core
+tables for any names, and the declarative models below map the default ones. The
+Alembic migrations in ``eventsource/migrations`` create the same schema; a test
+proves the two agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Mapped
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import TypeDecorator, UserDefinedType
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class _PGXid8(UserDefinedType[int]):
+    """PostgreSQL's 64-bit transaction id type, which SQLAlchemy does not know."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "XID8"
+
+
+# Let reflection (Alembic's autogenerate) recognise the column instead of warning.
+postgresql.base.ischema_names["xid8"] = _PGXid8
+
+
+class Xid8(TypeDecorator[int]):
+    """A transaction id: ``xid8`` on PostgreSQL, a plain integer elsewhere."""
+
+    impl = sa.BigInteger
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(_PGXid8())
+        return dialect.type_descriptor(sa.BigInteger())
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> int | None:
+        return None if value is None else int(value)
+
+
+class current_transaction_id(FunctionElement[int]):  # noqa: N801 - reads as a SQL function
+    """The writing transaction's id on PostgreSQL; 0 on SQLite, where writers serialise."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+
+
+@compiles(current_transaction_id)
+def _current_transaction_id_default(element: Any, compiler: Any, **kw: Any) -> str:
+    return "0"
+
+
+@compiles(current_transaction_id, "postgresql")
+def _current_transaction_id_pg(element: Any, compiler: Any, **kw: Any) -> str:
+    return "pg_current_xact_id()"
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp, returned in UTC on every database.
+
+    SQLite has no time zone type: values are stored as UTC and given back their
+    ``tzinfo``, so what is read equals what was written.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValueError(f"expected a timezone-aware datetime, got {value!r}")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+#: JSON on SQLite, JSONB on PostgreSQL.
+JsonValue = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+#: 64-bit integer primary key: an identity on PostgreSQL, the rowid on SQLite.
+BigIntPk = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+@dataclass(frozen=True, slots=True)
+class TableNames:
+    """Names of the library's tables; change them to share a schema with other tables."""
+
+    events: str = "events"
+    aggregate_heads: str = "aggregate_heads"
+    projection_checkpoints: str = "projection_checkpoints"
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """The Core tables for one set of :class:`TableNames`."""
+
+    names: TableNames
+    metadata: sa.MetaData
+    events: sa.Table
+    aggregate_heads: sa.Table
+    projection_checkpoints: sa.Table
+
+
+def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
+    """Add the three tables to ``metadata`` under ``names``."""
+    events = sa.Table(
+        names.events,
+        metadata,
+        sa.Column("global_position", BigIntPk, sa.Identity(), primary_key=True),
+        sa.Column("bounded_context", sa.Text, nullable=False),
+        sa.Column("aggregate_type", sa.Text, nullable=False),
+        sa.Column("aggregate_id", sa.Text, nullable=False),
+        sa.Column("aggregate_version", sa.BigInteger, nullable=False),
+        # FNV-1a 32 of aggregate_id, computed at append so partition filters run in SQL.
+        sa.Column("partition_hash", sa.BigInteger, nullable=False),
+        sa.Column("event_id", sa.Uuid, nullable=False, unique=True),
+        sa.Column("event_type", sa.Text, nullable=False),
+        sa.Column("event_version", sa.Integer, nullable=False),
+        sa.Column("payload", JsonValue, nullable=False),
+        sa.Column("metadata", JsonValue, nullable=True),
+        sa.Column("causation_id", sa.Text, nullable=True),
+        sa.Column("correlation_id", sa.Text, nullable=True),
+        sa.Column("trace_id", sa.Text, nullable=True),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column(
+            "transaction_id",
+            Xid8,
+            nullable=False,
+            server_default=current_transaction_id(),
+        ),
+        sa.UniqueConstraint(
+            "bounded_context",
+            "aggregate_type",
+            "aggregate_id",
+            "aggregate_version",
+            name=f"uq_{names.events}_stream_version",
+        ),
+        # Processors read in (transaction id, position) order: see processor.py.
+        sa.Index(f"ix_{names.events}_read_order", "transaction_id", "global_position"),
+        sqlite_autoincrement=True,
+    )
+    heads = sa.Table(
+        names.aggregate_heads,
+        metadata,
+        sa.Column("bounded_context", sa.Text, primary_key=True),
+        sa.Column("aggregate_type", sa.Text, primary_key=True),
+        sa.Column("aggregate_id", sa.Text, primary_key=True),
+        sa.Column("version", sa.BigInteger, nullable=False),
+        sa.Column(
+            "transaction_id",
+            Xid8,
+            nullable=False,
+            server_default=current_transaction_id(),
+        ),
+    )
+    checkpoints = sa.Table(
+        names.projection_checkpoints,
+        metadata,
+        sa.Column("projection_name", sa.Text, primary_key=True),
+        sa.Column("partition_key", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("total_partitions", sa.Integer, nullable=False),
+        sa.Column("transaction_id", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("global_position", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("events_handled", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("updated_at", UtcDateTime, nullable=False),
+    )
+    return Tables(names, metadata, events, heads, checkpoints)
+
+
+@functools.cache
+def tables_for(names: TableNames) -> Tables:
+    """The tables for ``names``, each set built once on its own MetaData."""
+    if names == DEFAULT_TABLES.names:
+        return DEFAULT_TABLES
+    return define_tables(names, sa.MetaData(naming_convention=NAMING_CONVENTION))
+
+
+#: The library's MetaData with the default table names: add it to an application's
+#: Alembic ``target_metadata`` so autogenerate knows these tables.
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+DEFAULT_TABLES = define_tables(TableNames(), metadata)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class EventRecord(Base):
+    """A stored event (ORM view of the default ``events`` table, for ad-hoc queries)."""
+
+    __table__ = DEFAULT_TABLES.events
+
+    global_position: Mapped[int]
+    bounded_context: Mapped[str]
+    aggregate_type: Mapped[str]
+    aggregate_id: Mapped[str]
+    aggregate_version: Mapped[int]
+    partition_hash: Mapped[int]
+    event_id: Mapped[uuid.UUID]
+    event_type: Mapped[str]
+    event_version: Mapped[int]
+    payload: Mapped[Any]
+    metadata_: Mapped[Any | None]
+    causation_id: Mapped[str | None]
+    correlation_id: Mapped[str | None]
+    trace_id: Mapped[str | None]
+    created_at: Mapped[datetime]
+    transaction_id: Mapped[int]
+
+    __mapper_args__ = {"properties": {"metadata_": DEFAULT_TABLES.events.c.metadata}}
+
+
+class AggregateHead(Base):
+    """An aggregate's current version and the transaction that last wrote it."""
+
+    __table__ = DEFAULT_TABLES.aggregate_heads
+
+    bounded_context: Mapped[str]
+    aggregate_type: Mapped[str]
+    aggregate_id: Mapped[str]
+    version: Mapped[int]
+    transaction_id: Mapped[int]
+
+
+class ProjectionCheckpoint(Base):
+    """How far one partition of one projection has committed."""
+
+    __table__ = DEFAULT_TABLES.projection_checkpoints
+
+    projection_name: Mapped[str]
+    partition_key: Mapped[int]
+    total_partitions: Mapped[int]
+    transaction_id: Mapped[int]
+    global_position: Mapped[int]
+    events_handled: Mapped[int]
+    updated_at: Mapped[datetime]

@@ -1,0 +1,573 @@
+"""The event store: append with optimistic concurrency, read streams and the global log.
+
+The caller owns the transaction: every method takes a Session (or Connection) and
+never commits or rolls back the caller's transaction.
+
+Appending is one statement on PostgreSQL: a CTE that checks and advances the
+aggregate's row in ``aggregate_heads`` (which row-locks the aggregate, so concurrent
+appends to it queue instead of racing) and inserts all events from arrays. The head
+also remembers the transaction id of its last writer; an append from an older
+transaction is refused (DESIGN invariant 3), because processors read in
+transaction-id order and would otherwise see that aggregate's versions out of order.
+On SQLite writers are serialised by ``BEGIN IMMEDIATE`` and the few statements run
+inside a savepoint, so a failed append leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from eventsource import errors, models, partition
+from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
+
+SessionOrConnection = Session | sa.Connection
+
+DEFAULT_READ_LIMIT = 1000
+
+#: The columns read for a PersistedEvent, in this order (see ``event_from_row``).
+EVENT_COLUMNS = (
+    "global_position",
+    "bounded_context",
+    "aggregate_type",
+    "aggregate_id",
+    "aggregate_version",
+    "event_id",
+    "event_type",
+    "event_version",
+    "payload",
+    "metadata",
+    "causation_id",
+    "correlation_id",
+    "trace_id",
+    "created_at",
+)
+
+
+def connection_of(session: SessionOrConnection) -> sa.Connection:
+    """The Connection under a Session (joining its transaction), or the Connection itself."""
+    if isinstance(session, Session):
+        return session.connection()
+    if isinstance(session, sa.Connection):
+        return session
+    raise errors.ValidationError(
+        f"expected a SQLAlchemy Session or Connection, got {type(session).__name__}"
+    )
+
+
+def event_from_row(row: Sequence[Any]) -> PersistedEvent:
+    """Build a PersistedEvent from a row selected with ``EVENT_COLUMNS``."""
+    (pos, bc, at, aid, ver, eid, etype, evver, payload, meta, cause, corr, trace, created) = row
+    return PersistedEvent(
+        global_position=pos,
+        bounded_context=bc,
+        aggregate_type=at,
+        aggregate_id=aid,
+        aggregate_version=ver,
+        event_id=eid,
+        event_type=etype,
+        event_version=evver,
+        payload=payload,
+        metadata=meta,
+        causation_id=cause,
+        correlation_id=corr,
+        trace_id=trace,
+        created_at=created,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Validated events of one append, column by column, ready for the database."""
+
+    bounded_context: str
+    aggregate_type: str
+    aggregate_id: str
+    partition_hash: int
+    events: Sequence[Event]
+    event_ids: list[uuid.UUID]
+    event_types: list[str]
+    event_versions: list[int]
+    payloads_json: list[str]
+    metadatas_json: list[str | None]
+    causation_ids: list[str | None]
+    correlation_ids: list[str | None]
+    trace_ids: list[str | None]
+    created_ats: list[datetime]
+
+
+class EventStore:
+    """Appends and reads events; the caller owns (begins and commits) the transaction."""
+
+    def __init__(self, *, table_names: models.TableNames | None = None) -> None:
+        self.tables = models.tables_for(table_names or models.TableNames())
+        self._pg = _PostgresStatements(self.tables)
+        ev = self.tables.events
+        self._columns = [ev.c[name] for name in EVENT_COLUMNS]
+
+    # -- append ---------------------------------------------------------------
+
+    def append(
+        self,
+        session: SessionOrConnection,
+        events: Sequence[Event],
+        expected_version: ExpectedVersion | None = None,
+    ) -> AppendResult:
+        """Append events of one aggregate, checking its current version first.
+
+        Raises :class:`~eventsource.errors.OptimisticConcurrencyError` when the
+        aggregate is not at ``expected_version`` (default: any version), and
+        :class:`~eventsource.errors.ValidationError` for bad input before anything
+        is written.
+        """
+        if expected_version is None:
+            expected_version = ExpectedVersion.any()
+        elif not isinstance(expected_version, ExpectedVersion):
+            raise errors.ValidationError(
+                "expected_version must be an ExpectedVersion (ExpectedVersion.any(), "
+                f".no_stream() or .exact(n)), got {type(expected_version).__name__}"
+            )
+        batch = _validate(events)
+        conn = connection_of(session)
+        if conn.dialect.name == "postgresql":
+            stored = self._append_postgres(conn, batch, expected_version)
+        else:
+            stored = self._append_generic(conn, batch, expected_version)
+        return AppendResult(tuple(_persisted(batch, stored)))
+
+    def _append_postgres(
+        self, conn: sa.Connection, batch: _Batch, expected: ExpectedVersion
+    ) -> list[tuple[int, int]]:
+        params: dict[str, Any] = {
+            "bc": batch.bounded_context,
+            "at": batch.aggregate_type,
+            "aid": batch.aggregate_id,
+            "n": len(batch.events),
+            "expected": expected.version,
+            "hash": batch.partition_hash,
+            "event_ids": batch.event_ids,
+            "event_types": batch.event_types,
+            "event_versions": batch.event_versions,
+            "payloads": batch.payloads_json,
+            "metadatas": batch.metadatas_json,
+            "causation_ids": batch.causation_ids,
+            "correlation_ids": batch.correlation_ids,
+            "trace_ids": batch.trace_ids,
+            "created_ats": batch.created_ats,
+        }
+        try:
+            rows = conn.execute(self._pg.append[expected.kind], params).all()
+        except sa.exc.IntegrityError as exc:
+            raise self._translate_integrity_error(exc, batch, expected) from exc
+        if not rows:
+            raise self._conflict(conn, batch, expected)
+        return sorted((version, position) for position, version in rows)
+
+    def _append_generic(
+        self, conn: sa.Connection, batch: _Batch, expected: ExpectedVersion
+    ) -> list[tuple[int, int]]:
+        # SQLite: writers hold the database lock from BEGIN IMMEDIATE, so read-check-write
+        # cannot race; the savepoint undoes a partial write if a statement fails.
+        heads, events = self.tables.aggregate_heads, self.tables.events
+        key = (
+            (heads.c.bounded_context == batch.bounded_context)
+            & (heads.c.aggregate_type == batch.aggregate_type)
+            & (heads.c.aggregate_id == batch.aggregate_id)
+        )
+        with conn.begin_nested():
+            current = conn.execute(sa.select(heads.c.version).where(key)).scalar()
+            if not _satisfies(expected, current):
+                raise _conflict_error(batch, expected, current or 0)
+            taken = conn.execute(
+                sa.select(events.c.event_id).where(events.c.event_id.in_(batch.event_ids))
+            ).scalars().first()
+            if taken is not None:
+                raise errors.DuplicateEventError(f"event id {taken} is already in the store")
+            n = len(batch.events)
+            new_version = (current or 0) + n
+            if current is None:
+                conn.execute(
+                    heads.insert().values(
+                        bounded_context=batch.bounded_context,
+                        aggregate_type=batch.aggregate_type,
+                        aggregate_id=batch.aggregate_id,
+                        version=new_version,
+                    )
+                )
+            else:
+                conn.execute(heads.update().where(key).values(version=new_version))
+            first = new_version - n + 1
+            rows = [
+                {
+                    "bounded_context": batch.bounded_context,
+                    "aggregate_type": batch.aggregate_type,
+                    "aggregate_id": batch.aggregate_id,
+                    "aggregate_version": first + i,
+                    "partition_hash": batch.partition_hash,
+                    "event_id": batch.event_ids[i],
+                    "event_type": batch.event_types[i],
+                    "event_version": batch.event_versions[i],
+                    "payload": event.payload,
+                    "metadata": None if event.metadata is None else dict(event.metadata),
+                    "causation_id": event.causation_id,
+                    "correlation_id": event.correlation_id,
+                    "trace_id": event.trace_id,
+                    "created_at": batch.created_ats[i],
+                }
+                for i, event in enumerate(batch.events)
+            ]
+            try:
+                positions = conn.execute(
+                    events.insert().returning(
+                        events.c.global_position, sort_by_parameter_order=True
+                    ),
+                    rows,
+                ).scalars().all()
+            except sa.exc.IntegrityError as exc:
+                # Only reachable if rows were written around the heads table.
+                raise _conflict_error(batch, expected, None) from exc
+        return [(first + i, pos) for i, pos in enumerate(positions)]
+
+    def _conflict(
+        self, conn: sa.Connection, batch: _Batch, expected: ExpectedVersion
+    ) -> errors.OptimisticConcurrencyError:
+        row = conn.execute(
+            self._pg.head_state,
+            {"bc": batch.bounded_context, "at": batch.aggregate_type, "aid": batch.aggregate_id},
+        ).first()
+        actual = 0 if row is None else int(row.version)
+        if row is not None and row.newer_writer and _satisfies(expected, actual):
+            return errors.OptimisticConcurrencyError(
+                f"{_describe(batch)}: a newer transaction appended to this aggregate "
+                f"(now at version {actual}) after this transaction started writing; "
+                "roll back and retry in a new transaction so readers see versions in order",
+                bounded_context=batch.bounded_context,
+                aggregate_type=batch.aggregate_type,
+                aggregate_id=batch.aggregate_id,
+                expected=expected,
+                actual=actual,
+            )
+        return _conflict_error(batch, expected, actual)
+
+    def _translate_integrity_error(
+        self, exc: sa.exc.IntegrityError, batch: _Batch, expected: ExpectedVersion
+    ) -> errors.EventSourceError:
+        diag = getattr(exc.orig, "diag", None)
+        constraint = getattr(diag, "constraint_name", None)
+        if constraint == f"uq_{self.tables.names.events}_event_id":
+            return errors.DuplicateEventError(
+                f"{_describe(batch)}: an event id is already in the store "
+                "(the transaction is aborted; roll it back)"
+            )
+        return _conflict_error(batch, expected, None)
+
+    # -- read -----------------------------------------------------------------
+
+    def read_stream(
+        self,
+        session: SessionOrConnection,
+        bounded_context: str,
+        aggregate_type: str,
+        aggregate_id: str | uuid.UUID,
+        from_version: int | None = None,
+        to_version: int | None = None,
+    ) -> Stream:
+        """One aggregate's events in version order, optionally from/to a version (inclusive)."""
+        aggregate_id = str(aggregate_id)
+        ev = self.tables.events
+        query = (
+            sa.select(*self._columns)
+            .where(
+                ev.c.bounded_context == bounded_context,
+                ev.c.aggregate_type == aggregate_type,
+                ev.c.aggregate_id == aggregate_id,
+            )
+            .order_by(ev.c.aggregate_version)
+        )
+        if from_version is not None:
+            query = query.where(ev.c.aggregate_version >= _non_negative("from_version", from_version))
+        if to_version is not None:
+            query = query.where(ev.c.aggregate_version <= _non_negative("to_version", to_version))
+        rows = connection_of(session).execute(query)
+        return Stream(
+            bounded_context,
+            aggregate_type,
+            aggregate_id,
+            tuple(event_from_row(row) for row in rows),
+        )
+
+    def read_all(
+        self,
+        session: SessionOrConnection,
+        after: int = 0,
+        limit: int = DEFAULT_READ_LIMIT,
+    ) -> list[PersistedEvent]:
+        """Events with ``global_position > after``, in position order, at most ``limit``.
+
+        For feeding projections use a Processor instead: on PostgreSQL positions can
+        become visible out of order, which the processor handles and this does not.
+        """
+        _non_negative("after", after)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise errors.ValidationError(f"limit must be a positive int, got {limit!r}")
+        ev = self.tables.events
+        query = (
+            sa.select(*self._columns)
+            .where(ev.c.global_position > after)
+            .order_by(ev.c.global_position)
+            .limit(limit)
+        )
+        return [event_from_row(row) for row in connection_of(session).execute(query)]
+
+    def stream_version(
+        self,
+        session: SessionOrConnection,
+        bounded_context: str,
+        aggregate_type: str,
+        aggregate_id: str | uuid.UUID,
+    ) -> int:
+        """The aggregate's current version (0 when it has no events), in one lookup."""
+        heads = self.tables.aggregate_heads
+        version = connection_of(session).execute(
+            sa.select(heads.c.version).where(
+                heads.c.bounded_context == bounded_context,
+                heads.c.aggregate_type == aggregate_type,
+                heads.c.aggregate_id == str(aggregate_id),
+            )
+        ).scalar()
+        return int(version or 0)
+
+
+class _PostgresStatements:
+    """The PostgreSQL append statements, one per kind of expectation, built once."""
+
+    def __init__(self, tables: models.Tables) -> None:
+        prep = _IdentifierQuoter()
+        heads = prep(tables.names.aggregate_heads)
+        events = prep(tables.names.events)
+        # Invariant 3: a transaction older than the aggregate's last writer may not append.
+        not_older = "h.transaction_id <= pg_current_xact_id()"
+        head_sql = {
+            "any": f"""
+                INSERT INTO {heads} AS h
+                    (bounded_context, aggregate_type, aggregate_id, version, transaction_id)
+                VALUES (:bc, :at, :aid, :n, pg_current_xact_id())
+                ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE
+                    SET version = h.version + :n, transaction_id = pg_current_xact_id()
+                    WHERE {not_older}
+                RETURNING h.version""",
+            "no_stream": f"""
+                INSERT INTO {heads}
+                    (bounded_context, aggregate_type, aggregate_id, version, transaction_id)
+                VALUES (:bc, :at, :aid, :n, pg_current_xact_id())
+                ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO NOTHING
+                RETURNING version""",
+            "exact": f"""
+                UPDATE {heads} AS h
+                SET version = h.version + :n, transaction_id = pg_current_xact_id()
+                WHERE h.bounded_context = :bc AND h.aggregate_type = :at
+                    AND h.aggregate_id = :aid AND h.version = :expected AND {not_older}
+                RETURNING h.version""",
+        }
+        insert_sql = f"""
+            INSERT INTO {events} (
+                bounded_context, aggregate_type, aggregate_id, aggregate_version,
+                partition_hash, event_id, event_type, event_version, payload, metadata,
+                causation_id, correlation_id, trace_id, created_at)
+            SELECT :bc, :at, :aid, head.version - :n + e.ord, :hash, e.event_id,
+                e.event_type, e.event_version, e.payload, e.metadata, e.causation_id,
+                e.correlation_id, e.trace_id, e.created_at
+            FROM head, unnest(
+                CAST(:event_ids AS uuid[]), CAST(:event_types AS text[]),
+                CAST(:event_versions AS integer[]), CAST(:payloads AS jsonb[]),
+                CAST(:metadatas AS jsonb[]), CAST(:causation_ids AS text[]),
+                CAST(:correlation_ids AS text[]), CAST(:trace_ids AS text[]),
+                CAST(:created_ats AS timestamptz[])
+            ) WITH ORDINALITY AS e(event_id, event_type, event_version, payload, metadata,
+                causation_id, correlation_id, trace_id, created_at, ord)
+            ORDER BY e.ord
+            RETURNING global_position, aggregate_version"""
+        self.append = {
+            kind: sa.text(f"WITH head AS ({sql}) {insert_sql}") for kind, sql in head_sql.items()
+        }
+        self.head_state = sa.text(
+            f"""SELECT version, transaction_id > pg_current_xact_id() AS newer_writer
+                FROM {heads}
+                WHERE bounded_context = :bc AND aggregate_type = :at AND aggregate_id = :aid"""
+        )
+
+
+class _IdentifierQuoter:
+    """Quotes configurable table names for raw SQL the way PostgreSQL needs."""
+
+    def __init__(self) -> None:
+        from sqlalchemy.dialects import postgresql
+
+        self._preparer = postgresql.dialect().identifier_preparer
+
+    def __call__(self, name: str) -> str:
+        return str(self._preparer.quote(name))
+
+
+# -- validation ------------------------------------------------------------------
+
+
+def _validate(events: Sequence[Event]) -> _Batch:
+    if isinstance(events, Event):
+        events = [events]
+    if not isinstance(events, Sequence) or isinstance(events, str | bytes):
+        raise errors.ValidationError(
+            f"events must be a list of Event, got {type(events).__name__}"
+        )
+    if not events:
+        raise errors.ValidationError("cannot append an empty list of events")
+    first = events[0]
+    if not isinstance(first, Event):
+        raise errors.ValidationError(f"events[0] is a {type(first).__name__}, not an Event")
+    key = (first.bounded_context, first.aggregate_type, first.aggregate_id)
+    for name, value in zip(("bounded_context", "aggregate_type", "aggregate_id"), key, strict=True):
+        _require_text(f"events[0].{name}", value)
+    now = datetime.now(UTC)
+    seen: set[uuid.UUID] = set()
+    batch = _Batch(
+        bounded_context=key[0],
+        aggregate_type=key[1],
+        aggregate_id=key[2],
+        partition_hash=partition.fnv1a_32(key[2]),
+        events=events,
+        event_ids=[],
+        event_types=[],
+        event_versions=[],
+        payloads_json=[],
+        metadatas_json=[],
+        causation_ids=[],
+        correlation_ids=[],
+        trace_ids=[],
+        created_ats=[],
+    )
+    for i, event in enumerate(events):
+        where = f"events[{i}]"
+        if not isinstance(event, Event):
+            raise errors.ValidationError(f"{where} is a {type(event).__name__}, not an Event")
+        if (event.bounded_context, event.aggregate_type, event.aggregate_id) != key:
+            raise errors.ValidationError(
+                f"{where} belongs to {event.bounded_context}/{event.aggregate_type}/"
+                f"{event.aggregate_id}, but one append takes events of one aggregate "
+                f"({key[0]}/{key[1]}/{key[2]})"
+            )
+        _require_text(f"{where}.event_type", event.event_type)
+        if not isinstance(event.event_id, uuid.UUID):
+            raise errors.ValidationError(f"{where}.event_id must be a uuid.UUID")
+        if event.event_id in seen:
+            raise errors.DuplicateEventError(f"{where}.event_id {event.event_id} appears twice")
+        seen.add(event.event_id)
+        ev_version = event.event_version
+        if isinstance(ev_version, bool) or not isinstance(ev_version, int) or ev_version < 1:
+            raise errors.ValidationError(f"{where}.event_version must be an int >= 1")
+        if event.metadata is not None and not isinstance(event.metadata, Mapping):
+            raise errors.ValidationError(f"{where}.metadata must be a mapping or None")
+        for name in ("causation_id", "correlation_id", "trace_id"):
+            value = getattr(event, name)
+            if value is not None and not isinstance(value, str):
+                raise errors.ValidationError(f"{where}.{name} must be a str or None")
+        created = event.created_at
+        if created is None:
+            created = now
+        elif not isinstance(created, datetime) or created.tzinfo is None:
+            raise errors.ValidationError(f"{where}.created_at must be a timezone-aware datetime")
+        batch.event_ids.append(event.event_id)
+        batch.event_types.append(event.event_type)
+        batch.event_versions.append(ev_version)
+        batch.payloads_json.append(_to_json(f"{where}.payload", event.payload))
+        batch.metadatas_json.append(
+            None if event.metadata is None else _to_json(f"{where}.metadata", event.metadata)
+        )
+        batch.causation_ids.append(event.causation_id)
+        batch.correlation_ids.append(event.correlation_id)
+        batch.trace_ids.append(event.trace_id)
+        batch.created_ats.append(created)
+    return batch
+
+
+def _require_text(what: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise errors.ValidationError(f"{what} must be a non-empty str, got {value!r}")
+    if "\x00" in value:
+        raise errors.ValidationError(f"{what} contains a NUL character")
+
+
+def _to_json(what: str, value: object) -> str:
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise errors.ValidationError(f"{what} is not JSON-serialisable: {exc}") from exc
+    # PostgreSQL's jsonb cannot hold U+0000; refuse it on every database alike.
+    if "\\u0000" in text:
+        raise errors.ValidationError(f"{what} contains a NUL character (\\u0000)")
+    return text
+
+
+def _non_negative(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise errors.ValidationError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _satisfies(expected: ExpectedVersion, current: int | None) -> bool:
+    if expected.kind == "any":
+        return True
+    if expected.kind == "no_stream":
+        return not current
+    return current == expected.version
+
+
+def _describe(batch: _Batch) -> str:
+    return f"{batch.bounded_context}/{batch.aggregate_type}/{batch.aggregate_id}"
+
+
+def _conflict_error(
+    batch: _Batch, expected: ExpectedVersion, actual: int | None
+) -> errors.OptimisticConcurrencyError:
+    now = "another writer got there first" if actual is None else f"it is at version {actual}"
+    return errors.OptimisticConcurrencyError(
+        f"{_describe(batch)}: expected {expected}, but {now}",
+        bounded_context=batch.bounded_context,
+        aggregate_type=batch.aggregate_type,
+        aggregate_id=batch.aggregate_id,
+        expected=expected,
+        actual=actual,
+    )
+
+
+def _persisted(batch: _Batch, stored: list[tuple[int, int]]) -> list[PersistedEvent]:
+    return [
+        PersistedEvent(
+            global_position=position,
+            bounded_context=batch.bounded_context,
+            aggregate_type=batch.aggregate_type,
+            aggregate_id=batch.aggregate_id,
+            aggregate_version=version,
+            event_id=event.event_id,
+            event_type=event.event_type,
+            event_version=event.event_version,
+            payload=event.payload,
+            metadata=event.metadata,
+            causation_id=event.causation_id,
+            correlation_id=event.correlation_id,
+            trace_id=event.trace_id,
+            created_at=created,
+        )
+        for event, created, (version, position) in zip(
+            batch.events, batch.created_ats, stored, strict=True
+        )
+    ]
+
+
+
