@@ -20,10 +20,14 @@ from eventsource.errors import (
 from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
 from eventsource.models import TableNames
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy
+from eventsource.processor import BatchResult, Processor, ProcessorConfig
+from eventsource.projection import Projection
+from eventsource.runner import ProjectionRunner, Runner
 from eventsource.store import EventStore
 
 __all__ = [
     "AppendResult",
+    "BatchResult",
     "ConfigurationError",
     "DuplicateEventError",
     "Event",
@@ -35,8 +39,13 @@ __all__ = [
     "PartitionCountChangedError",
     "PartitionStrategy",
     "PersistedEvent",
+    "Processor",
+    "ProcessorConfig",
+    "Projection",
+    "ProjectionRunner",
     "ProjectionError",
     "SchemaMissingError",
+    "Runner",
     "Stream",
     "TableNames",
     "ValidationError",

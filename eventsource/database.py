@@ -122,9 +122,7 @@ def upgrade(
 ) -> None:
     """Apply the library's migrations (``alembic upgrade head``) programmatically."""
     with _connected(target) as connection:
-        command.upgrade(
-            alembic_config(connection=connection, table_names=table_names), revision
-        )
+        command.upgrade(alembic_config(connection=connection, table_names=table_names), revision)
 
 
 def downgrade(
@@ -135,17 +133,13 @@ def downgrade(
 ) -> None:
     """Revert the library's migrations (default: remove its tables)."""
     with _connected(target) as connection:
-        command.downgrade(
-            alembic_config(connection=connection, table_names=table_names), revision
-        )
+        command.downgrade(alembic_config(connection=connection, table_names=table_names), revision)
 
 
 def current_revision(target: sa.Engine | sa.Connection | str | sa.URL | None = None) -> str | None:
     """The library schema revision the database is at (None when not migrated)."""
     with _connected(target) as connection:
-        context = MigrationContext.configure(
-            connection, opts={"version_table": VERSION_TABLE}
-        )
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
         return context.get_current_revision()
 
 

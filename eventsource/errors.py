@@ -61,7 +61,7 @@ class PartitionCountChangedError(ConfigurationError):
 
 
 class SchemaMissingError(EventSourceError):
-    """The eventsource tables are missing: run ``alembic upgrade head`` (or ``eventsource db upgrade``)."""
+    """The eventsource tables are missing: run ``eventsource db upgrade`` (or Alembic)."""
 
 
 class ProjectionError(EventSourceError):

@@ -58,7 +58,7 @@ class Xid8(TypeDecorator[int]):
         return None if value is None else int(value)
 
 
-class current_transaction_id(FunctionElement[int]):  # noqa: N801 - reads as a SQL function
+class current_transaction_id(FunctionElement[int]):
     """The writing transaction's id on PostgreSQL; 0 on SQLite, where writers serialise."""
 
     type = sa.BigInteger()
@@ -95,9 +95,10 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        stored: datetime = value
+        if stored.tzinfo is None:
+            return stored.replace(tzinfo=UTC)
+        return stored.astimezone(UTC)
 
 
 #: JSON on SQLite, JSONB on PostgreSQL.

@@ -26,8 +26,9 @@ def fnv1a_32(value: str) -> int:
 class PartitionStrategy(Protocol):
     """Decides whether partition ``partition_key`` of ``total_partitions`` handles an aggregate."""
 
-    def should_process(self, aggregate_id: str, partition_key: int, total_partitions: int) -> bool:
-        ...
+    def should_process(
+        self, aggregate_id: str, partition_key: int, total_partitions: int
+    ) -> bool: ...
 
 
 class HashPartitionStrategy:

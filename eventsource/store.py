@@ -63,23 +63,22 @@ def connection_of(session: SessionOrConnection) -> sa.Connection:
 
 
 def event_from_row(row: Sequence[Any]) -> PersistedEvent:
-    """Build a PersistedEvent from a row selected with ``EVENT_COLUMNS``."""
-    (pos, bc, at, aid, ver, eid, etype, evver, payload, meta, cause, corr, trace, created) = row
+    """Build a PersistedEvent from a row whose first columns are ``EVENT_COLUMNS``."""
     return PersistedEvent(
-        global_position=pos,
-        bounded_context=bc,
-        aggregate_type=at,
-        aggregate_id=aid,
-        aggregate_version=ver,
-        event_id=eid,
-        event_type=etype,
-        event_version=evver,
-        payload=payload,
-        metadata=meta,
-        causation_id=cause,
-        correlation_id=corr,
-        trace_id=trace,
-        created_at=created,
+        global_position=row[0],
+        bounded_context=row[1],
+        aggregate_type=row[2],
+        aggregate_id=row[3],
+        aggregate_version=row[4],
+        event_id=row[5],
+        event_type=row[6],
+        event_version=row[7],
+        payload=row[8],
+        metadata=row[9],
+        causation_id=row[10],
+        correlation_id=row[11],
+        trace_id=row[12],
+        created_at=row[13],
     )
 
 
@@ -185,9 +184,13 @@ class EventStore:
             current = conn.execute(sa.select(heads.c.version).where(key)).scalar()
             if not _satisfies(expected, current):
                 raise _conflict_error(batch, expected, current or 0)
-            taken = conn.execute(
-                sa.select(events.c.event_id).where(events.c.event_id.in_(batch.event_ids))
-            ).scalars().first()
+            taken = (
+                conn.execute(
+                    sa.select(events.c.event_id).where(events.c.event_id.in_(batch.event_ids))
+                )
+                .scalars()
+                .first()
+            )
             if taken is not None:
                 raise errors.DuplicateEventError(f"event id {taken} is already in the store")
             n = len(batch.events)
@@ -224,12 +227,16 @@ class EventStore:
                 for i, event in enumerate(batch.events)
             ]
             try:
-                positions = conn.execute(
-                    events.insert().returning(
-                        events.c.global_position, sort_by_parameter_order=True
-                    ),
-                    rows,
-                ).scalars().all()
+                positions = (
+                    conn.execute(
+                        events.insert().returning(
+                            events.c.global_position, sort_by_parameter_order=True
+                        ),
+                        rows,
+                    )
+                    .scalars()
+                    .all()
+                )
             except sa.exc.IntegrityError as exc:
                 # Only reachable if rows were written around the heads table.
                 raise _conflict_error(batch, expected, None) from exc
@@ -292,9 +299,11 @@ class EventStore:
             .order_by(ev.c.aggregate_version)
         )
         if from_version is not None:
-            query = query.where(ev.c.aggregate_version >= _non_negative("from_version", from_version))
+            low = _non_negative("from_version", from_version)
+            query = query.where(ev.c.aggregate_version >= low)
         if to_version is not None:
-            query = query.where(ev.c.aggregate_version <= _non_negative("to_version", to_version))
+            high = _non_negative("to_version", to_version)
+            query = query.where(ev.c.aggregate_version <= high)
         rows = connection_of(session).execute(query)
         return Stream(
             bounded_context,
@@ -335,13 +344,17 @@ class EventStore:
     ) -> int:
         """The aggregate's current version (0 when it has no events), in one lookup."""
         heads = self.tables.aggregate_heads
-        version = connection_of(session).execute(
-            sa.select(heads.c.version).where(
-                heads.c.bounded_context == bounded_context,
-                heads.c.aggregate_type == aggregate_type,
-                heads.c.aggregate_id == str(aggregate_id),
+        version = (
+            connection_of(session)
+            .execute(
+                sa.select(heads.c.version).where(
+                    heads.c.bounded_context == bounded_context,
+                    heads.c.aggregate_type == aggregate_type,
+                    heads.c.aggregate_id == str(aggregate_id),
+                )
             )
-        ).scalar()
+            .scalar()
+        )
         return int(version or 0)
 
 
@@ -410,7 +423,7 @@ class _IdentifierQuoter:
     def __init__(self) -> None:
         from sqlalchemy.dialects import postgresql
 
-        self._preparer = postgresql.dialect().identifier_preparer
+        self._preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
 
     def __call__(self, name: str) -> str:
         return str(self._preparer.quote(name))
@@ -423,9 +436,7 @@ def _validate(events: Sequence[Event]) -> _Batch:
     if isinstance(events, Event):
         events = [events]
     if not isinstance(events, Sequence) or isinstance(events, str | bytes):
-        raise errors.ValidationError(
-            f"events must be a list of Event, got {type(events).__name__}"
-        )
+        raise errors.ValidationError(f"events must be a list of Event, got {type(events).__name__}")
     if not events:
         raise errors.ValidationError("cannot append an empty list of events")
     first = events[0]
@@ -568,6 +579,3 @@ def _persisted(batch: _Batch, stored: list[tuple[int, int]]) -> list[PersistedEv
             batch.events, batch.created_ats, stored, strict=True
         )
     ]
-
-
-

@@ -44,9 +44,7 @@ def upgrade() -> None:
         sa.Column("correlation_id", sa.Text, nullable=True),
         sa.Column("trace_id", sa.Text, nullable=True),
         sa.Column("created_at", UtcDateTime, nullable=False),
-        sa.Column(
-            "transaction_id", Xid8, nullable=False, server_default=current_transaction_id()
-        ),
+        sa.Column("transaction_id", Xid8, nullable=False, server_default=current_transaction_id()),
         sa.PrimaryKeyConstraint("global_position", name=f"pk_{names.events}"),
         sa.UniqueConstraint("event_id", name=f"uq_{names.events}_event_id"),
         sa.UniqueConstraint(
@@ -67,9 +65,7 @@ def upgrade() -> None:
         sa.Column("aggregate_type", sa.Text, nullable=False),
         sa.Column("aggregate_id", sa.Text, nullable=False),
         sa.Column("version", sa.BigInteger, nullable=False),
-        sa.Column(
-            "transaction_id", Xid8, nullable=False, server_default=current_transaction_id()
-        ),
+        sa.Column("transaction_id", Xid8, nullable=False, server_default=current_transaction_id()),
         sa.PrimaryKeyConstraint(
             "bounded_context",
             "aggregate_type",

@@ -1,0 +1,530 @@
+"""The processor: feeds one projection (one partition of it) in batches, exactly once.
+
+A batch is one transaction: lock the checkpoint row, read the next events, call
+``handle`` for each, move the checkpoint, commit. A handler error rolls everything
+back, read-model writes included.
+
+Nothing is ever skipped on PostgreSQL, although writers commit out of position order
+(event 11 can be visible while event 10's transaction is still open): the processor
+only reads rows whose inserting transaction is older than the oldest transaction
+still running (``pg_snapshot_xmin(pg_current_snapshot())``), orders them by
+(transaction id, position) and keeps both in the checkpoint. Every row that can still
+appear later belongs to a transaction at or above that horizon, so it sorts after the
+checkpoint. The price: a transaction held open elsewhere delays projections (never
+loses events). Rows written by the processor's own transaction are read too, so a
+test can append and project inside one transaction. SQLite serialises writers, so
+position order is commit order there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from eventsource import errors, models
+from eventsource.partition import HashPartitionStrategy, PartitionStrategy
+from eventsource.projection import Projection
+from eventsource.store import EVENT_COLUMNS, EventStore, event_from_row
+
+logger = logging.getLogger("eventsource.processor")
+
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_POLL_INTERVAL = 0.1
+#: How often run_until_caught_up says it is waiting for an open transaction.
+WAIT_LOG_INTERVAL = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessorConfig:
+    """How one processor reads: batch size, which partition, how often to poll."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    partition_key: int = 0
+    total_partitions: int = 1
+    partition_strategy: PartitionStrategy = field(default_factory=HashPartitionStrategy)
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "partition_key", "total_partitions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise errors.ConfigurationError(f"{name} must be an int, got {value!r}")
+        if self.batch_size < 1:
+            raise errors.ConfigurationError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.total_partitions < 1:
+            raise errors.ConfigurationError(
+                f"total_partitions must be >= 1, got {self.total_partitions}"
+            )
+        if not 0 <= self.partition_key < self.total_partitions:
+            raise errors.ConfigurationError(
+                f"partition_key must be in 0..{self.total_partitions - 1} "
+                f"(total_partitions={self.total_partitions}), got {self.partition_key}"
+            )
+        if not isinstance(self.partition_strategy, PartitionStrategy):
+            raise errors.ConfigurationError(
+                "partition_strategy must have should_process(aggregate_id, partition_key, "
+                f"total_partitions), got {self.partition_strategy!r}"
+            )
+        interval = self.poll_interval
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
+            raise errors.ConfigurationError(
+                f"poll_interval must be a number of seconds >= 0, got {interval!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one batch did."""
+
+    handled: int
+    """Events passed to ``handle``."""
+    skipped: int
+    """Events read but left to another partition by a Python-side strategy."""
+    read: int
+    """Rows the batch query returned (a full batch means more may be waiting)."""
+    transaction_id: int
+    global_position: int
+    """The checkpoint after the batch."""
+    duration: float
+    full: bool
+    """The batch was full: more events may be waiting."""
+
+
+SessionFactory = Callable[[], Session]
+
+
+class Processor:
+    """Runs one projection partition: ``run`` until stopped, or ``run_until_caught_up``.
+
+    ``engine`` is an Engine, or a ``sessionmaker`` (e.g. bound to a test's connection,
+    so the projection runs inside the test's transaction).
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine | sessionmaker[Session],
+        store: EventStore | None = None,
+        config: ProcessorConfig | None = None,
+    ) -> None:
+        if isinstance(engine, sa.Engine):
+            self._sessions: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
+            self.engine: sa.Engine | None = engine
+        elif isinstance(engine, sessionmaker):
+            self._sessions = engine
+            bind = engine.kw.get("bind")
+            self.engine = bind if isinstance(bind, sa.Engine) else None
+        else:
+            raise errors.ConfigurationError(
+                f"Processor needs an Engine or a sessionmaker, got {type(engine).__name__}"
+            )
+        self.store = store if store is not None else EventStore()
+        if config is None:
+            config = ProcessorConfig()
+        elif not isinstance(config, ProcessorConfig):
+            raise errors.ConfigurationError(
+                f"config must be a ProcessorConfig, got {type(config).__name__}"
+            )
+        self.config = config
+        self._stop = threading.Event()
+        self._queries: dict[tuple[str, type[Projection]], _Queries] = {}
+
+    # -- public API -------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run`` to return after the batch in hand (thread-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, projection: Projection) -> None:
+        """Process batches until :meth:`stop`; raises the first error (nothing half-done)."""
+        _check_projection(projection)
+        self._log_start(projection, "run")
+        try:
+            self.check_partitions(projection)
+            while not self._stop.is_set():
+                result = self.process_batch(projection)
+                if not result.full:
+                    self._stop.wait(self.config.poll_interval)
+        finally:
+            self._stop.clear()
+            logger.info(
+                "projection %s partition %d stopped",
+                projection.name,
+                self.config.partition_key,
+                extra=self._fields(projection),
+            )
+
+    def run_until_caught_up(self, projection: Projection) -> int:
+        """Handle every event committed before the call, then return how many were handled.
+
+        On PostgreSQL this waits for transactions that were still open when those
+        events' were committed after them (see the module docstring); it logs while
+        it waits.
+        """
+        _check_projection(projection)
+        self._log_start(projection, "catch-up")
+        handled = 0
+        try:
+            self.check_partitions(projection)
+            target = self._head_position()
+            waiting_since: float | None = None
+            while not self._stop.is_set():
+                result = self.process_batch(projection)
+                handled += result.handled
+                if result.full:
+                    continue
+                if not self._blocked_before(projection, target):
+                    break
+                now = time.monotonic()
+                if waiting_since is None or now - waiting_since >= WAIT_LOG_INTERVAL:
+                    waiting_since = now
+                    logger.info(
+                        "projection %s waits for an open transaction older than events "
+                        "already committed (up to position %d)",
+                        projection.name,
+                        target,
+                        extra=self._fields(projection),
+                    )
+                self._stop.wait(self.config.poll_interval)
+        finally:
+            self._stop.clear()
+        return handled
+
+    def check_partitions(self, projection: Projection) -> None:
+        """Refuse to start when this projection's checkpoints use another partition count."""
+        table = self.store.tables.projection_checkpoints
+        with self._sessions() as session:
+            totals = set(
+                session.execute(
+                    sa.select(table.c.total_partitions)
+                    .where(table.c.projection_name == projection.name)
+                    .distinct()
+                ).scalars()
+            )
+        other = totals - {self.config.total_partitions}
+        if other:
+            raise errors.PartitionCountChangedError(
+                f"projection {projection.name!r} has checkpoints written with "
+                f"total_partitions={sorted(other)}, but this processor uses "
+                f"total_partitions={self.config.total_partitions}. Changing the count "
+                "would skip or repeat events. Start it with the old count, or rebuild it: "
+                f"delete its checkpoints (eventsource reset {projection.name}), clear its "
+                "read model and replay from the start."
+            )
+
+    def process_batch(self, projection: Projection) -> BatchResult:
+        """Run one batch in one transaction and return what it did."""
+        started = time.perf_counter()
+        config = self.config
+        with self._sessions() as session, session.begin():
+            queries = self._queries_for(session, projection)
+            checkpoint = queries.lock_checkpoint(session, projection.name, config)
+            rows = session.execute(queries.batch, checkpoint.params(config.batch_size)).all()
+            handled = skipped = 0
+            filter_in_python = queries.python_partition_filter
+            tx, pos = checkpoint.transaction_id, checkpoint.global_position
+            for row in rows:
+                event = event_from_row(row)
+                if filter_in_python and not config.partition_strategy.should_process(
+                    event.aggregate_id, config.partition_key, config.total_partitions
+                ):
+                    skipped += 1
+                else:
+                    try:
+                        projection.handle(event, session)
+                    except Exception as exc:
+                        raise self._handler_error(projection, event, exc) from exc
+                    handled += 1
+                tx, pos = row[-1], event.global_position
+            full = len(rows) >= config.batch_size
+            if not full and queries.horizon is not None:
+                # Filtered-out events still move the checkpoint, so a projection that wants
+                # 1% of the log does not rescan the other 99% on every poll.
+                top = session.execute(queries.horizon, checkpoint.params(1)).first()
+                if top is not None and (int(top[0]), int(top[1])) > (tx, pos):
+                    tx, pos = int(top[0]), int(top[1])
+            moved = (tx, pos) != (checkpoint.transaction_id, checkpoint.global_position)
+            if moved:
+                session.execute(
+                    queries.update_checkpoint,
+                    {
+                        "name": projection.name,
+                        "key": config.partition_key,
+                        "tx": tx,
+                        "pos": pos,
+                        "handled": handled,
+                        "now": datetime.now(UTC),
+                    },
+                )
+        result = BatchResult(
+            handled, skipped, len(rows), tx, pos, time.perf_counter() - started, full
+        )
+        if moved:
+            logger.info(
+                "projection %s partition %d: handled %d, skipped %d, checkpoint %d in %.1f ms",
+                projection.name,
+                config.partition_key,
+                handled,
+                skipped,
+                pos,
+                result.duration * 1000,
+                extra={
+                    **self._fields(projection),
+                    "handled": handled,
+                    "skipped": skipped,
+                    "checkpoint": pos,
+                    "checkpoint_transaction_id": tx,
+                    "duration_ms": round(result.duration * 1000, 3),
+                },
+            )
+        else:
+            logger.debug("projection %s partition %d: idle", projection.name, config.partition_key)
+        return result
+
+    # -- internals --------------------------------------------------------------
+
+    def _queries_for(self, session: Session, projection: Projection) -> _Queries:
+        dialect = session.get_bind().dialect.name
+        key = (dialect, type(projection))
+        queries = self._queries.get(key)
+        if queries is None:
+            queries = _Queries(self.store.tables, dialect, projection, self.config)
+            self._queries[key] = queries
+        return queries
+
+    def _head_position(self) -> int:
+        events = self.store.tables.events
+        with self._sessions() as session:
+            top = session.execute(sa.select(sa.func.max(events.c.global_position))).scalar()
+        return int(top or 0)
+
+    def _blocked_before(self, projection: Projection, target: int) -> bool:
+        """Whether committed events up to ``target`` still wait behind an open transaction."""
+        with self._sessions() as session, session.begin():
+            queries = self._queries_for(session, projection)
+            if queries.blocked is None:
+                return False
+            checkpoint = queries.lock_checkpoint(session, projection.name, self.config, lock=False)
+            params = checkpoint.params(1)
+            params["target"] = target
+            return bool(session.execute(queries.blocked, params).scalar())
+
+    def _handler_error(
+        self, projection: Projection, event: Any, exc: Exception
+    ) -> errors.ProjectionError:
+        fields = {
+            **self._fields(projection),
+            "global_position": event.global_position,
+            "aggregate_id": event.aggregate_id,
+            "event_type": event.event_type,
+        }
+        logger.error(
+            "projection %s partition %d failed on event %d (%s %s): %r",
+            projection.name,
+            self.config.partition_key,
+            event.global_position,
+            event.event_type,
+            event.aggregate_id,
+            exc,
+            extra=fields,
+        )
+        return errors.ProjectionError(
+            f"projection {projection.name!r} (partition {self.config.partition_key}) failed "
+            f"on event at position {event.global_position} ({event.event_type} of "
+            f"{event.aggregate_type} {event.aggregate_id}): {exc!r}; the batch was rolled back",
+            projection=projection.name,
+            partition_key=self.config.partition_key,
+            global_position=event.global_position,
+            aggregate_id=event.aggregate_id,
+            event_type=event.event_type,
+        )
+
+    def _fields(self, projection: Projection) -> dict[str, Any]:
+        return {
+            "projection": projection.name,
+            "partition": self.config.partition_key,
+            "total_partitions": self.config.total_partitions,
+        }
+
+    def _log_start(self, projection: Projection, mode: str) -> None:
+        logger.info(
+            "projection %s partition %d/%d started (%s, batch size %d)",
+            projection.name,
+            self.config.partition_key,
+            self.config.total_partitions,
+            mode,
+            self.config.batch_size,
+            extra={**self._fields(projection), "batch_size": self.config.batch_size},
+        )
+
+
+def _check_projection(projection: object) -> None:
+    if not isinstance(projection, Projection):
+        raise errors.ConfigurationError(
+            f"expected a Projection instance, got {projection!r} "
+            "(subclass eventsource.Projection and pass an instance)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Checkpoint:
+    transaction_id: int
+    global_position: int
+    xmin: int | None
+
+    def params(self, limit: int) -> dict[str, Any]:
+        return {
+            "ck_tx": self.transaction_id,
+            "ck_pos": self.global_position,
+            "xmin": self.xmin,
+            "limit": limit,
+        }
+
+
+def _xid8(name: str) -> sa.ColumnElement[Any]:
+    """A bound integer cast to xid8 (no cast from bigint exists, text does)."""
+    return sa.cast(sa.cast(sa.bindparam(name, type_=sa.BigInteger), sa.Text), models._PGXid8())
+
+
+class _Queries:
+    """The statements one processor runs for one projection, built once."""
+
+    def __init__(
+        self,
+        tables: models.Tables,
+        dialect: str,
+        projection: Projection,
+        config: ProcessorConfig,
+    ) -> None:
+        self.dialect = dialect
+        ev = tables.events
+        ck = tables.projection_checkpoints
+        self._checkpoints = ck
+        self._is_pg = dialect == "postgresql"
+
+        scope: list[sa.ColumnElement[bool]] = []
+        if projection.aggregate_types:
+            scope.append(ev.c.aggregate_type.in_(projection.aggregate_types))
+        if projection.bounded_contexts:
+            scope.append(ev.c.bounded_context.in_(projection.bounded_contexts))
+        strategy = config.partition_strategy
+        sql_partition = None
+        sql_filter = getattr(strategy, "sql_filter", None)
+        if sql_filter is not None:
+            sql_partition = sql_filter(
+                ev.c.partition_hash, config.partition_key, config.total_partitions
+            )
+        self.python_partition_filter = sql_filter is None and config.total_partitions > 1
+        if sql_partition is not None:
+            scope.append(sql_partition)
+
+        if self._is_pg:
+            after: sa.ColumnElement[bool] = sa.tuple_(
+                ev.c.transaction_id, ev.c.global_position
+            ) > sa.tuple_(_xid8("ck_tx"), sa.bindparam("ck_pos"))
+            readable: sa.ColumnElement[bool] | None = sa.or_(
+                ev.c.transaction_id < _xid8("xmin"),
+                ev.c.transaction_id == sa.func.pg_current_xact_id_if_assigned(),
+            )
+            order = [ev.c.transaction_id, ev.c.global_position]
+            tx_column: sa.ColumnElement[Any] = ev.c.transaction_id
+        else:
+            after = ev.c.global_position > sa.bindparam("ck_pos")
+            readable = None
+            order = [ev.c.global_position]
+            tx_column = sa.literal(0, sa.BigInteger)
+        base = [after] if readable is None else [after, readable]
+
+        self.batch = (
+            sa.select(*(ev.c[name] for name in EVENT_COLUMNS), tx_column)
+            .where(*base, *scope)
+            .order_by(*order)
+            .limit(sa.bindparam("limit"))
+        )
+        self.horizon = None
+        if scope:
+            self.horizon = (
+                sa.select(tx_column, ev.c.global_position)
+                .where(*base)
+                .order_by(*(column.desc() for column in order))
+                .limit(1)
+            )
+        self.blocked = None
+        if self._is_pg:
+            self.blocked = sa.select(
+                sa.exists().where(
+                    after,
+                    ev.c.global_position <= sa.bindparam("target"),
+                    ev.c.transaction_id >= sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot()),
+                    sa.func.coalesce(
+                        ev.c.transaction_id != sa.func.pg_current_xact_id_if_assigned(), True
+                    ),
+                )
+            )
+
+        key = (ck.c.projection_name == sa.bindparam("name")) & (
+            ck.c.partition_key == sa.bindparam("key")
+        )
+        columns: list[sa.ColumnElement[Any]] = [
+            ck.c.total_partitions,
+            ck.c.transaction_id,
+            ck.c.global_position,
+        ]
+        if self._is_pg:
+            snapshot = sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot())
+            columns.append(sa.cast(snapshot, sa.Text))
+        self._read_checkpoint = sa.select(*columns).where(key)
+        # Two processes on the same projection partition queue here instead of both
+        # advancing it. (SQLite: BEGIN IMMEDIATE already serialises the batch.)
+        self._lock_checkpoint = (
+            self._read_checkpoint.with_for_update() if self._is_pg else self._read_checkpoint
+        )
+        insert = postgresql.insert(ck) if self._is_pg else sqlite.insert(ck)
+        self._create_checkpoint = insert.values(
+            projection_name=sa.bindparam("name"),
+            partition_key=sa.bindparam("key"),
+            total_partitions=sa.bindparam("total"),
+            updated_at=sa.bindparam("now"),
+        ).on_conflict_do_nothing()
+        self.update_checkpoint = (
+            ck.update()
+            .where(key)
+            .values(
+                transaction_id=sa.bindparam("tx"),
+                global_position=sa.bindparam("pos"),
+                events_handled=ck.c.events_handled + sa.bindparam("handled"),
+                updated_at=sa.bindparam("now"),
+            )
+        )
+
+    def lock_checkpoint(
+        self, session: Session, name: str, config: ProcessorConfig, *, lock: bool = True
+    ) -> _Checkpoint:
+        params = {"name": name, "key": config.partition_key}
+        statement = self._lock_checkpoint if lock else self._read_checkpoint
+        row = session.execute(statement, params).first()
+        if row is None:
+            session.execute(
+                self._create_checkpoint,
+                {**params, "total": config.total_partitions, "now": datetime.now(UTC)},
+            )
+            row = session.execute(statement, params).one()
+        if row[0] != config.total_partitions:
+            raise errors.PartitionCountChangedError(
+                f"projection {name!r} partition {config.partition_key} was checkpointed with "
+                f"total_partitions={row[0]}, this processor uses {config.total_partitions}"
+            )
+        xmin = int(row[3]) if self._is_pg else None
+        return _Checkpoint(int(row[1]), int(row[2]), xmin)

@@ -1,0 +1,225 @@
+"""The runner: many projections at once in one process, over one connection pool.
+
+Each (projection, processor) pair runs in its own thread; database I/O releases the
+GIL. The first failure stops the others (each finishes or rolls back its batch in
+hand) and is raised. SIGINT/SIGTERM, when the runner runs in the main thread, ask
+every processor to finish its batch, commit and stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import sqlalchemy as sa
+
+from eventsource import errors
+from eventsource.processor import Processor
+from eventsource.projection import Projection
+
+logger = logging.getLogger("eventsource.runner")
+
+#: How often the waiting main thread wakes up (signals are delivered between waits).
+_JOIN_INTERVAL = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionRunner:
+    """One projection and the processor (with its own config) that feeds it."""
+
+    projection: Projection
+    processor: Processor
+
+
+Pair = ProjectionRunner | tuple[Projection, Processor]
+
+
+class Runner:
+    """Runs several projections concurrently until stopped (or until caught up)."""
+
+    def __init__(self, *, handle_signals: bool = True) -> None:
+        self.handle_signals = handle_signals
+        self._lock = threading.Lock()
+        self._active: list[ProjectionRunner] = []
+        self._stopping = threading.Event()
+
+    def run(self, pairs: Iterable[Pair]) -> None:
+        """Run every pair until :meth:`stop` or a signal; raise the first failure."""
+        self._run(pairs, lambda pair: pair.processor.run(pair.projection))
+
+    def run_until_caught_up(self, pairs: Iterable[Pair]) -> dict[tuple[str, int], int]:
+        """Handle everything committed so far with every pair, then return.
+
+        Returns the number of events each (projection name, partition key) handled.
+        """
+        handled: dict[tuple[str, int], int] = {}
+
+        def catch_up(pair: ProjectionRunner) -> None:
+            count = pair.processor.run_until_caught_up(pair.projection)
+            handled[(pair.projection.name, pair.processor.config.partition_key)] = count
+
+        self._run(pairs, catch_up)
+        return handled
+
+    def stop(self) -> None:
+        """Ask every processor to finish its batch in hand and return (thread-safe)."""
+        self._stopping.set()
+        with self._lock:
+            for pair in self._active:
+                pair.processor.stop()
+
+    # -- internals --------------------------------------------------------------
+
+    def _run(self, pairs: Iterable[Pair], work: Callable[[ProjectionRunner], None]) -> None:
+        runners = validate_pairs(pairs)
+        self._stopping.clear()
+        failures: list[tuple[ProjectionRunner, BaseException]] = []
+
+        def target(pair: ProjectionRunner) -> None:
+            try:
+                work(pair)
+            except BaseException as exc:
+                with self._lock:
+                    failures.append((pair, exc))
+                self.stop()
+
+        with self._lock:
+            self._active = runners
+        threads = [
+            threading.Thread(
+                target=target,
+                args=(pair,),
+                name=f"eventsource:{pair.projection.name}:{pair.processor.config.partition_key}",
+                daemon=True,
+            )
+            for pair in runners
+        ]
+        with self._signals():
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(_JOIN_INTERVAL)
+        with self._lock:
+            self._active = []
+        if failures:
+            pair, exc = failures[0]
+            for other_pair, other in failures[1:]:
+                logger.error(
+                    "projection %s also failed while stopping: %r",
+                    other_pair.projection.name,
+                    other,
+                )
+            if isinstance(exc, errors.EventSourceError):
+                raise exc
+            raise errors.ProjectionError(
+                f"projection {pair.projection.name!r} (partition "
+                f"{pair.processor.config.partition_key}) failed: {exc!r}",
+                projection=pair.projection.name,
+                partition_key=pair.processor.config.partition_key,
+                global_position=None,
+            ) from exc
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            logger.info(
+                "received %s: finishing the batches in hand, then stopping",
+                signal.Signals(signum).name,
+            )
+            self.stop()
+
+        previous: dict[signal.Signals, Any] = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def validate_pairs(pairs: Iterable[Pair]) -> list[ProjectionRunner]:
+    """Normalise pairs and refuse set-ups that would corrupt checkpoints or deadlock."""
+    runners: list[ProjectionRunner] = []
+    for item in pairs:
+        if isinstance(item, ProjectionRunner):
+            pair = item
+        elif isinstance(item, tuple) and len(item) == 2:
+            pair = ProjectionRunner(*item)
+        else:
+            raise errors.ConfigurationError(
+                f"expected (projection, processor) pairs or ProjectionRunner, got {item!r}"
+            )
+        if not isinstance(pair.projection, Projection):
+            raise errors.ConfigurationError(f"{pair.projection!r} is not a Projection instance")
+        if not isinstance(pair.processor, Processor):
+            raise errors.ConfigurationError(f"{pair.processor!r} is not a Processor")
+        runners.append(pair)
+    if not runners:
+        raise errors.ConfigurationError("Runner needs at least one (projection, processor) pair")
+
+    classes: dict[str, type[Projection]] = {}
+    seen: set[tuple[str, int]] = set()
+    processors: set[int] = set()
+    totals: dict[str, int] = {}
+    for pair in runners:
+        name, config = pair.projection.name, pair.processor.config
+        known = classes.setdefault(name, type(pair.projection))
+        if known is not type(pair.projection):
+            raise errors.ConfigurationError(
+                f"two different projection classes share the name {name!r} "
+                f"({known.__qualname__} and {type(pair.projection).__qualname__}); "
+                "they would share one checkpoint: give each its own name"
+            )
+        if totals.setdefault(name, config.total_partitions) != config.total_partitions:
+            raise errors.ConfigurationError(
+                f"projection {name!r} is given different total_partitions in one runner"
+            )
+        if (name, config.partition_key) in seen:
+            raise errors.ConfigurationError(
+                f"projection {name!r} is given partition {config.partition_key} twice"
+            )
+        seen.add((name, config.partition_key))
+        if id(pair.processor) in processors:
+            raise errors.ConfigurationError(
+                "one Processor instance appears in two pairs: give each pair its own"
+            )
+        processors.add(id(pair.processor))
+    _check_pool_sizes(runners)
+    return runners
+
+
+def _check_pool_sizes(runners: list[ProjectionRunner]) -> None:
+    """Each processor holds one connection per batch: the pool must have room for all."""
+    per_engine: dict[int, tuple[sa.Engine, int]] = {}
+    for pair in runners:
+        engine = pair.processor.engine
+        if engine is None:
+            continue
+        _, count = per_engine.get(id(engine), (engine, 0))
+        per_engine[id(engine)] = (engine, count + 1)
+    for engine, count in per_engine.values():
+        pool = engine.pool
+        if not isinstance(pool, sa.pool.QueuePool):
+            continue
+        overflow = pool._max_overflow  # no public accessor; -1 means unlimited
+        if overflow < 0:
+            continue
+        capacity = pool.size() + overflow
+        if count > capacity:
+            raise errors.ConfigurationError(
+                f"{count} processors share an engine whose pool holds at most {capacity} "
+                f"connections (pool_size={pool.size()}, max_overflow={overflow}); they would "
+                f"wait on each other. Create the engine with pool_size >= {count}."
+            )
