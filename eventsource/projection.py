@@ -8,7 +8,7 @@ event's effect on the database happens exactly once.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -31,9 +31,9 @@ class Projection:
                 ...
     """
 
-    name: ClassVar[str]
-    aggregate_types: ClassVar[tuple[str, ...]] = ()
-    bounded_contexts: ClassVar[tuple[str, ...]] = ()
+    name: str
+    aggregate_types: tuple[str, ...] = ()
+    bounded_contexts: tuple[str, ...] = ()
 
     def __init_subclass__(cls, *, abstract: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
