@@ -1,0 +1,138 @@
+"""Shared fixtures: real SQLite files and real PostgreSQL databases, one per test.
+
+PostgreSQL comes from ``EVENTSOURCE_TEST_PG_URL`` or the libpq ``PG*`` variables
+(default ``postgres@127.0.0.1:5432``). The schema is migrated once into a template
+database and each test gets a fresh clone, dropped afterwards, so parallel runs and
+reruns never collide. When the server is unreachable the PostgreSQL tests skip with
+the reason, except under ``CI``, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+import eventsource
+from eventsource import database
+
+
+def pg_admin_url() -> sa.URL:
+    explicit = os.environ.get("EVENTSOURCE_TEST_PG_URL")
+    if explicit:
+        return database.database_url(explicit)
+    return sa.URL.create(
+        "postgresql+psycopg",
+        username=os.environ.get("PGUSER", "postgres"),
+        password=os.environ.get("PGPASSWORD"),
+        host=os.environ.get("PGHOST", "127.0.0.1"),
+        port=int(os.environ.get("PGPORT", "5432")),
+        database=os.environ.get("PGDATABASE", "postgres"),
+    )
+
+
+class PostgresServer:
+    """Creates and drops throwaway databases on the test server."""
+
+    def __init__(self, admin_url: sa.URL) -> None:
+        self.admin_url = admin_url
+        self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+
+    def create_database(self, template: str | None = None) -> sa.URL:
+        name = f"es_test_{uuid.uuid4().hex[:12]}"
+        clause = f" TEMPLATE {template}" if template else ""
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}{clause}")
+        return self.admin_url.set(database=name)
+
+    def drop_database(self, url: sa.URL) -> None:
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {url.database} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = PostgresServer(pg_admin_url())
+    try:
+        with server.admin.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except sa.exc.OperationalError as exc:
+        reason = f"PostgreSQL not reachable at {server.admin_url.render_as_string()}: {exc.orig}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set, so PostgreSQL tests may not skip)")
+        pytest.skip(reason)
+    yield server
+    server.admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: PostgresServer) -> Iterator[str]:
+    """A database migrated to head, cloned by every PostgreSQL test."""
+    url = pg_server.create_database()
+    eventsource.upgrade(url)
+    yield str(url.database)
+    pg_server.drop_database(url)
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer, pg_template: str) -> Iterator[sa.URL]:
+    url = pg_server.create_database(template=pg_template)
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture
+def empty_pg_url(pg_server: PostgresServer) -> Iterator[sa.URL]:
+    """A PostgreSQL database with no schema at all (for migration tests)."""
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    engine = eventsource.create_engine(f"sqlite:///{path}")
+    eventsource.upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> sa.URL:
+    path = tmp_path / "test.db"
+    shutil.copyfile(sqlite_template, path)
+    return sa.make_url(f"sqlite:///{path}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> sa.URL:
+    """A migrated database URL, once on SQLite and once on PostgreSQL."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: sa.URL = request.getfixturevalue(fixture)
+    return url
+
+
+@pytest.fixture
+def engine(db_url: sa.URL) -> Iterator[sa.Engine]:
+    """An engine on a freshly migrated database (SQLite and PostgreSQL)."""
+    eng = eventsource.create_engine(db_url, pool_size=10, max_overflow=10)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_url: sa.URL) -> Iterator[sa.Engine]:
+    eng = eventsource.create_engine(pg_url, pool_size=10, max_overflow=10)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def store() -> eventsource.EventStore:
+    return eventsource.EventStore()
