@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -99,7 +99,12 @@ class BatchResult:
     """The batch was full: more events may be waiting."""
 
 
-SessionFactory = Callable[[], Session]
+class ProcessorMetrics(Protocol):
+    """Receives what each batch did (see ``eventsource.metrics`` for Prometheus)."""
+
+    def batch_completed(self, projection: str, partition: int, result: BatchResult) -> None: ...
+
+    def batch_failed(self, projection: str, partition: int) -> None: ...
 
 
 class Processor:
@@ -114,6 +119,8 @@ class Processor:
         engine: sa.Engine | sessionmaker[Session],
         store: EventStore | None = None,
         config: ProcessorConfig | None = None,
+        *,
+        metrics: ProcessorMetrics | None = None,
     ) -> None:
         if isinstance(engine, sa.Engine):
             self._sessions: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
@@ -134,6 +141,7 @@ class Processor:
                 f"config must be a ProcessorConfig, got {type(config).__name__}"
             )
         self.config = config
+        self.metrics = metrics
         self._stop = threading.Event()
         self._queries: dict[tuple[str, type[Projection]], _Queries] = {}
 
@@ -166,12 +174,17 @@ class Processor:
                 extra=self._fields(projection),
             )
 
-    def run_until_caught_up(self, projection: Projection) -> int:
+    def run_until_caught_up(
+        self,
+        projection: Projection,
+        *,
+        on_batch: Callable[[BatchResult], None] | None = None,
+    ) -> int:
         """Handle every event committed before the call, then return how many were handled.
 
-        On PostgreSQL this waits for transactions that were still open when those
-        events' were committed after them (see the module docstring); it logs while
-        it waits.
+        On PostgreSQL, events committed after a transaction that is still open become
+        readable only when it ends (see the module docstring): this waits for that,
+        logging while it waits. ``on_batch`` is called after each committed batch.
         """
         _check_projection(projection)
         self._log_start(projection, "catch-up")
@@ -183,6 +196,8 @@ class Processor:
             while not self._stop.is_set():
                 result = self.process_batch(projection)
                 handled += result.handled
+                if on_batch is not None:
+                    on_batch(result)
                 if result.full:
                     continue
                 if not self._blocked_before(projection, target):
@@ -226,6 +241,17 @@ class Processor:
 
     def process_batch(self, projection: Projection) -> BatchResult:
         """Run one batch in one transaction and return what it did."""
+        if self.metrics is None:
+            return self._process_batch(projection)
+        try:
+            result = self._process_batch(projection)
+        except Exception:
+            self.metrics.batch_failed(projection.name, self.config.partition_key)
+            raise
+        self.metrics.batch_completed(projection.name, self.config.partition_key, result)
+        return result
+
+    def _process_batch(self, projection: Projection) -> BatchResult:
         started = time.perf_counter()
         config = self.config
         with self._sessions() as session, session.begin():
@@ -311,7 +337,11 @@ class Processor:
         return int(top or 0)
 
     def _blocked_before(self, projection: Projection, target: int) -> bool:
-        """Whether committed events up to ``target`` still wait behind an open transaction."""
+        """Whether committed events up to ``target`` are still after the checkpoint.
+
+        After a batch that was not full they waited behind an open transaction, which
+        may have ended since: either way the caller polls again.
+        """
         with self._sessions() as session, session.begin():
             queries = self._queries_for(session, projection)
             if queries.blocked is None:
@@ -463,11 +493,14 @@ class _Queries:
             )
         self.blocked = None
         if self._is_pg:
+            # Any committed row still after the checkpoint, not only those behind the
+            # current horizon: the horizon may have moved since the batch took its own
+            # (the blocking transaction ended in between), and those rows, readable now,
+            # still need the next batch.
             self.blocked = sa.select(
                 sa.exists().where(
                     after,
                     ev.c.global_position <= sa.bindparam("target"),
-                    ev.c.transaction_id >= sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot()),
                     sa.func.coalesce(
                         ev.c.transaction_id != sa.func.pg_current_xact_id_if_assigned(), True
                     ),

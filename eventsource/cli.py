@@ -1,0 +1,456 @@
+"""The ``eventsource`` command: migrate, watch lag, run, reset and rebuild projections.
+
+A thin layer over the library: each command calls a Python function that can be used
+directly (``database.upgrade``, ``status.status``, ``rebuild.rebuild``...).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import click
+import sqlalchemy as sa
+
+from eventsource import database, errors
+from eventsource.processor import Processor, ProcessorConfig
+from eventsource.projection import Projection
+from eventsource.rebuild import RebuildProgress, rebuild, reset
+from eventsource.runner import ProjectionRunner, Runner
+from eventsource.status import ProjectionStatus, require_schema, status
+from eventsource.store import EventStore
+
+logger = logging.getLogger("eventsource.cli")
+
+#: Exit code of ``status --max-lag`` when a projection lags more.
+EXIT_LAGGING = 3
+
+
+class Context:
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+
+    def engine(self, **kwargs: Any) -> sa.Engine:
+        try:
+            return database.create_engine(self.url, **kwargs)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+            raise click.UsageError(f"invalid database URL {self.url!r}: {exc}") from exc
+
+    def describe(self) -> str:
+        try:
+            return database.database_url(self.url).render_as_string(hide_password=True)
+        except sa.exc.ArgumentError:
+            return repr(self.url)
+
+
+@contextmanager
+def _database_errors(ctx: Context) -> Iterator[None]:
+    """Turn connection and schema errors into one-line messages instead of tracebacks."""
+    try:
+        yield
+    except errors.SchemaMissingError as exc:
+        raise click.ClickException(f"{ctx.describe()}: {exc}") from exc
+    except sa.exc.OperationalError as exc:
+        raise click.ClickException(
+            f"cannot use the database at {ctx.describe()}: {exc.orig}"
+        ) from exc
+    except errors.EventSourceError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--database-url",
+    envvar=database.DATABASE_URL_ENV,
+    default=None,
+    metavar="URL",
+    help="Database URL [env: DATABASE_URL; default: sqlite:///eventsource.db]. "
+    "postgresql:// URLs use psycopg 3.",
+)
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.version_option(package_name="eventsource")
+@click.pass_context
+def main(click_ctx: click.Context, database_url: str | None, verbose: int) -> None:
+    """Operate eventsource: migrate, watch lag, run, reset and rebuild projections.
+
+    Projections come from your application as MODULE:ATTRIBUTE, naming a projection,
+    a list of projections or of (projection, processor) pairs, or a function
+    returning one of those. The current directory is importable.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        # Per-batch lines are INFO; keep them for -vv so progress output stays readable.
+        logging.getLogger("eventsource.processor").setLevel(max(level, logging.WARNING))
+    click_ctx.obj = Context(database_url)
+
+
+# -- db ---------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Apply or inspect the library's schema migrations (no alembic.ini needed)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_obj
+def db_upgrade(ctx: Context, revision: str) -> None:
+    """Create or update the library's tables."""
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        database.upgrade(engine, revision)
+        click.echo(f"{ctx.describe()}: at revision {database.current_revision(engine)}")
+
+
+@db.command("current")
+@click.pass_obj
+def db_current(ctx: Context) -> None:
+    """Show the library schema revision of the database and the newest one available."""
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        current = database.current_revision(engine)
+    head = database.head_revision()
+    state = "up to date" if current == head else "needs `eventsource db upgrade`"
+    click.echo(f"current: {current or 'none'}  head: {head}  ({state})")
+
+
+@db.command("downgrade")
+@click.option("--revision", default="base", show_default=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def db_downgrade(ctx: Context, revision: str, yes: bool) -> None:
+    """Revert the library's migrations (base: drop its tables and every event)."""
+    _confirm(yes, f"Downgrade {ctx.describe()} to {revision}? This can delete all events.")
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        database.downgrade(engine, revision)
+    click.echo(f"{ctx.describe()}: at revision {database.current_revision(engine) or 'none'}")
+
+
+# -- status -----------------------------------------------------------------------
+
+
+@main.command("status")
+@click.option("--app", "app_spec", metavar="MODULE:ATTR", help="Also list these projections.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of objects).")
+@click.option(
+    "--max-lag",
+    type=click.IntRange(min=0),
+    default=None,
+    help=f"Exit with code {EXIT_LAGGING} when any partition lags more than N events.",
+)
+@click.pass_obj
+def status_command(ctx: Context, app_spec: str | None, as_json: bool, max_lag: int | None) -> None:
+    """Checkpoint, head, lag and age of every projection partition."""
+    projections = [pair.projection for pair in load_app(app_spec)] if app_spec else []
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        rows = status(engine, projections=projections)
+    if as_json:
+        click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
+    else:
+        click.echo(_table(rows))
+    if max_lag is not None:
+        lagging = [row for row in rows if row.lag > max_lag]
+        for row in lagging:
+            click.echo(
+                f"{row.projection} partition {row.partition_key} lags {row.lag} events "
+                f"(max {max_lag})",
+                err=True,
+            )
+        if lagging:
+            sys.exit(EXIT_LAGGING)
+
+
+def _table(rows: Sequence[ProjectionStatus]) -> str:
+    if not rows:
+        return "no projections have run yet"
+    header = ("PROJECTION", "PARTITION", "CHECKPOINT", "HEAD", "LAG", "UPDATED", "AGE")
+    lines = [
+        (
+            row.projection,
+            f"{row.partition_key}/{row.total_partitions}",
+            str(row.checkpoint),
+            str(row.head),
+            str(row.lag),
+            row.updated_at.strftime("%Y-%m-%d %H:%M:%S") if row.updated_at else "never",
+            _age(row.age_seconds),
+        )
+        for row in rows
+    ]
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+        for cells in [header, *lines]
+    )
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+# -- run --------------------------------------------------------------------------
+
+
+@main.command("run")
+@click.argument("app_spec", metavar="MODULE:ATTR")
+@click.option(
+    "--partition-key",
+    type=click.IntRange(min=0),
+    envvar="PARTITION_KEY",
+    default=None,
+    help="Run only this partition [env: PARTITION_KEY; default: all partitions].",
+)
+@click.option(
+    "--total-partitions",
+    type=click.IntRange(min=1),
+    envvar="TOTAL_PARTITIONS",
+    default=1,
+    show_default=True,
+    help="Partitions each projection is split into [env: TOTAL_PARTITIONS].",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--poll-interval", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--until-caught-up", is_flag=True, help="Handle what is committed, then exit.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.pass_obj
+def run_command(
+    ctx: Context,
+    app_spec: str,
+    partition_key: int | None,
+    total_partitions: int,
+    batch_size: int,
+    poll_interval: float,
+    until_caught_up: bool,
+    metrics_port: int | None,
+) -> None:
+    """Run the application's projections until Ctrl+C / SIGTERM (or until caught up).
+
+    Without --partition-key every partition runs in this process; with it, only that
+    one, so N processes with keys 0..N-1 split the work.
+    """
+    if partition_key is not None and partition_key >= total_partitions:
+        raise click.BadParameter(
+            f"must be below --total-partitions ({total_partitions})", param_hint="--partition-key"
+        )
+    defined = load_app(app_spec)
+    metrics = None
+    if metrics_port is not None:
+        from eventsource.metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics()
+    keys = [partition_key] if partition_key is not None else list(range(total_partitions))
+    needs_processors = [pair for pair in defined if pair.processor is None]
+    engine = ctx.engine(pool_size=max(5, len(needs_processors) * len(keys) + 1))
+    store = EventStore()
+    pairs: list[ProjectionRunner] = []
+    for item in defined:
+        if item.processor is not None:
+            pairs.append(ProjectionRunner(item.projection, item.processor))
+            continue
+        for key in keys:
+            config = ProcessorConfig(
+                batch_size=batch_size,
+                partition_key=key,
+                total_partitions=total_partitions,
+                poll_interval=poll_interval,
+            )
+            pairs.append(
+                ProjectionRunner(item.projection, Processor(engine, store, config, metrics=metrics))
+            )
+    with _database_errors(ctx):
+        with engine.connect() as connection:
+            require_schema(connection, store)
+        if metrics is not None and metrics_port is not None:
+            import prometheus_client
+
+            metrics.track_lag(engine, store=store)
+            prometheus_client.start_http_server(metrics_port)
+        names = ", ".join(sorted({pair.projection.name for pair in pairs}))
+        click.echo(f"running {len(pairs)} processor(s): {names}", err=True)
+        runner = Runner()
+        if until_caught_up:
+            handled = runner.run_until_caught_up(pairs)
+            for (name, key), count in sorted(handled.items()):
+                click.echo(f"{name} partition {key}: handled {count} events")
+        else:
+            runner.run(pairs)
+            click.echo("stopped", err=True)
+
+
+# -- reset / rebuild --------------------------------------------------------------
+
+
+@main.command("reset")
+@click.argument("name")
+@click.option("--app", "app_spec", metavar="MODULE:ATTR", help="Also clear its read model.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def reset_command(ctx: Context, name: str, app_spec: str | None, yes: bool) -> None:
+    """Delete projection NAME's checkpoints, so it replays from the start next run.
+
+    With --app, its reset() hook also clears the read model in the same transaction.
+    """
+    projection = _find(load_app(app_spec), name) if app_spec else None
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        known = {row.projection for row in status(engine)}
+        if name not in known and projection is None:
+            listed = ", ".join(sorted(known)) or "none"
+            raise click.ClickException(f"no checkpoints for projection {name!r} (known: {listed})")
+        _confirm(yes, f"Reset projection {name!r} on {ctx.describe()}?")
+        deleted = reset(engine, name, projection=projection)
+    click.echo(f"reset {name}: deleted {deleted} checkpoint row(s)")
+
+
+@main.command("rebuild")
+@click.argument("name")
+@click.option("--app", "app_spec", required=True, metavar="MODULE:ATTR")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def rebuild_command(ctx: Context, name: str, app_spec: str, batch_size: int, yes: bool) -> None:
+    """Clear projection NAME's read model (its reset() hook) and replay every event.
+
+    Runs in one transaction: if it fails or is interrupted, the read model and
+    checkpoints stay as they were.
+    """
+    projection = _find(load_app(app_spec), name)
+    _confirm(yes, f"Rebuild projection {name!r} on {ctx.describe()}?")
+    engine = ctx.engine()
+    show = _ProgressPrinter(sys.stderr.isatty())
+    with _database_errors(ctx):
+        final = rebuild(engine, projection, batch_size=batch_size, on_progress=show)
+    show.finish(final)
+    click.echo(
+        f"rebuilt {name}: {final.handled} events handled, {final.done} read, "
+        f"in {final.elapsed:.1f}s"
+    )
+
+
+class _ProgressPrinter:
+    """A progress bar on a terminal; a log line every few seconds otherwise."""
+
+    def __init__(self, tty: bool, every: float = 5.0) -> None:
+        self.tty = tty
+        self.every = every
+        self.last = 0.0
+
+    def __call__(self, progress: RebuildProgress) -> None:
+        now = time.monotonic()
+        if self.tty:
+            if now - self.last >= 0.1:
+                self.last = now
+                click.echo("\r" + self._line(progress, bar=True), nl=False, err=True)
+        elif now - self.last >= self.every:
+            self.last = now
+            click.echo(self._line(progress, bar=False), err=True)
+
+    def finish(self, progress: RebuildProgress) -> None:
+        click.echo(("\r" if self.tty else "") + self._line(progress, bar=self.tty), err=True)
+
+    @staticmethod
+    def _line(p: RebuildProgress, *, bar: bool) -> str:
+        fraction = p.done / p.total if p.total else 1.0
+        eta = p.eta_seconds
+        eta_text = "--:--" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+        text = f"{p.done}/{p.total} events  {p.rate:,.0f}/s  ETA {eta_text}"
+        if bar:
+            filled = int(30 * min(fraction, 1.0))
+            return f"{p.projection} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}  {text}"
+        return f"rebuild {p.projection}: {fraction:.0%} {text}"
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+class _Defined:
+    """A projection from the app, with the processor the app chose (if any)."""
+
+    def __init__(self, projection: Projection, processor: Processor | None) -> None:
+        self.projection = projection
+        self.processor = processor
+
+
+def load_app(spec: str) -> list[_Defined]:
+    """Resolve MODULE:ATTR to the projections (and processors) it defines."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        _bad_app(spec, "expected MODULE:ATTRIBUTE, e.g. myapp.projections:PROJECTIONS")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        _bad_app(spec, f"cannot import {module_name!r}: {exc}")
+    value: Any = module
+    for part in attribute.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            _bad_app(spec, f"{module_name!r} has no attribute {attribute!r}")
+    if callable(value) and not isinstance(value, Projection):
+        try:  # a factory function, or a Projection class
+            value = value()
+        except Exception as exc:
+            _bad_app(spec, f"calling {attribute} failed: {exc!r}")
+    items = [value] if isinstance(value, Projection | ProjectionRunner | tuple) else value
+    try:
+        listed = list(items)
+    except TypeError:
+        _bad_app(spec, f"expected projections or (projection, processor) pairs, got {value!r}")
+    defined: list[_Defined] = []
+    for item in listed:
+        if isinstance(item, Projection):
+            defined.append(_Defined(item, None))
+        elif isinstance(item, ProjectionRunner):
+            defined.append(_Defined(item.projection, item.processor))
+        elif (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], Projection)
+            and isinstance(item[1], Processor)
+        ):
+            defined.append(_Defined(item[0], item[1]))
+        else:
+            _bad_app(spec, f"{item!r} is neither a Projection nor a (projection, processor) pair")
+    if not defined:
+        _bad_app(spec, "it defines no projections")
+    return defined
+
+
+def _find(defined: list[_Defined], name: str) -> Projection:
+    for item in defined:
+        if item.projection.name == name:
+            return item.projection
+    names = ", ".join(sorted({item.projection.name for item in defined}))
+    raise click.ClickException(f"unknown projection {name!r}; the app defines: {names}")
+
+
+def _bad_app(spec: str, why: str) -> NoReturn:
+    raise click.BadParameter(why, param_hint=f"'{spec}'")
+
+
+def _confirm(yes: bool, question: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.UsageError("refusing to proceed without confirmation: pass --yes")
+    click.confirm(question, abort=True)

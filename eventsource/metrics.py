@@ -1,0 +1,108 @@
+"""Prometheus metrics for processors (the ``metrics`` extra: ``prometheus-client``).
+
+Nothing here is imported unless you ask for it, and a processor without ``metrics=``
+does no metrics work at all::
+
+    metrics = PrometheusMetrics()                      # default registry
+    metrics.track_lag(engine)                          # lag gauge, computed on scrape
+    Processor(engine, store, config, metrics=metrics)
+    prometheus_client.start_http_server(9100)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from eventsource import errors
+from eventsource.processor import BatchResult
+from eventsource.status import status
+from eventsource.store import EventStore
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+try:
+    import prometheus_client
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+except ImportError:  # pragma: no cover - exercised only without the extra
+    prometheus_client = None  # type: ignore[assignment]
+    Collector = object  # type: ignore[assignment,misc]
+
+LABELS = ("projection", "partition")
+
+
+def _require_client() -> None:
+    if prometheus_client is None:
+        raise errors.ConfigurationError(
+            "Prometheus metrics need prometheus-client: pip install 'eventsource[metrics]'"
+        )
+
+
+class PrometheusMetrics:
+    """Counters and a histogram per projection and partition, fed by processors."""
+
+    def __init__(
+        self, *, registry: CollectorRegistry | None = None, namespace: str = "eventsource"
+    ) -> None:
+        _require_client()
+        self.registry = registry if registry is not None else prometheus_client.REGISTRY
+        self.namespace = namespace
+        kw: dict[str, Any] = {"namespace": namespace, "registry": self.registry}
+        self.events_handled = prometheus_client.Counter(
+            "events_handled", "Events passed to the projection's handler.", LABELS, **kw
+        )
+        self.events_skipped = prometheus_client.Counter(
+            "events_skipped",
+            "Events read but left to another partition by a Python-side strategy.",
+            LABELS,
+            **kw,
+        )
+        self.batch_duration = prometheus_client.Histogram(
+            "batch_duration_seconds", "Duration of committed batches.", LABELS, **kw
+        )
+        self.batch_errors = prometheus_client.Counter(
+            "batch_errors", "Batches rolled back by an error.", LABELS, **kw
+        )
+        self.checkpoint = prometheus_client.Gauge(
+            "checkpoint_position", "Global position of the partition's checkpoint.", LABELS, **kw
+        )
+
+    def batch_completed(self, projection: str, partition: int, result: BatchResult) -> None:
+        labels = (projection, str(partition))
+        if result.handled:
+            self.events_handled.labels(*labels).inc(result.handled)
+        if result.skipped:
+            self.events_skipped.labels(*labels).inc(result.skipped)
+        self.batch_duration.labels(*labels).observe(result.duration)
+        self.checkpoint.labels(*labels).set(result.global_position)
+
+    def batch_failed(self, projection: str, partition: int) -> None:
+        self.batch_errors.labels(projection, str(partition)).inc()
+
+    def track_lag(self, engine: sa.Engine, *, store: EventStore | None = None) -> None:
+        """Register a ``lag_events`` gauge that queries :func:`eventsource.status` on scrape."""
+        self.registry.register(_LagCollector(engine, store or EventStore(), self.namespace))
+
+
+class _LagCollector(Collector):
+    def __init__(self, engine: sa.Engine, store: EventStore, namespace: str) -> None:
+        self.engine = engine
+        self.store = store
+        self.namespace = namespace
+
+    def describe(self) -> list[Any]:
+        return []  # values come from the database at scrape time
+
+    def collect(self) -> Iterator[Any]:
+        family = GaugeMetricFamily(
+            f"{self.namespace}_lag_events",
+            "Events in the store after the partition's checkpoint.",
+            labels=list(LABELS),
+        )
+        for row in status(self.engine, store=self.store):
+            family.add_metric([row.projection, str(row.partition_key)], row.lag)
+        yield family
