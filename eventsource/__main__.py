@@ -1,0 +1,7 @@
+"""``python -m eventsource`` is the ``eventsource`` command."""
+
+from __future__ import annotations
+
+from eventsource.cli import main
+
+main(prog_name="eventsource")
