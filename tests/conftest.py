@@ -41,7 +41,9 @@ class PostgresServer:
 
     def __init__(self, admin_url: sa.URL) -> None:
         self.admin_url = admin_url
-        self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+        self.admin = sa.create_engine(
+            admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool
+        )
 
     def create_database(self, template: str | None = None) -> sa.URL:
         name = f"es_test_{uuid.uuid4().hex[:12]}"
@@ -136,3 +138,25 @@ def pg_engine(pg_url: sa.URL) -> Iterator[sa.Engine]:
 @pytest.fixture
 def store() -> eventsource.EventStore:
     return eventsource.EventStore()
+
+
+@pytest.fixture(
+    scope="session",
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+def eventsource_db_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[sa.URL]:
+    """Dogfooding: the shipped plugin's fixtures (eventsource_session, run_projections...)
+    run on both databases here, instead of the plugin's single configured one."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("plugin") / "events.db"
+        url = sa.make_url(f"sqlite:///{path}")
+        eventsource.upgrade(url)
+        yield url
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    url = server.create_database()
+    eventsource.upgrade(url)
+    yield url
+    server.drop_database(url)
