@@ -16,6 +16,7 @@ inside a savepoint, so a failed append leaves nothing behind.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ class EventStore:
                 "expected_version must be an ExpectedVersion (ExpectedVersion.any(), "
                 f".no_stream() or .exact(n)), got {type(expected_version).__name__}"
             )
+        else:
+            expected_version = _checked_expectation(expected_version)
         batch = _validate(events)
         conn = connection_of(session)
         if conn.dialect.name == "postgresql":
@@ -488,6 +491,8 @@ def _validate(events: Sequence[Event]) -> _Batch:
             value = getattr(event, name)
             if value is not None and not isinstance(value, str):
                 raise errors.ValidationError(f"{where}.{name} must be a str or None")
+            if value is not None and "\x00" in value:
+                raise errors.ValidationError(f"{where}.{name} contains a NUL character")
         created = event.created_at
         if created is None:
             created = now
@@ -514,15 +519,33 @@ def _require_text(what: str, value: object) -> None:
         raise errors.ValidationError(f"{what} contains a NUL character")
 
 
+#: An escaped U+0000 in JSON text: ``\u0000`` after an even number of backslashes
+#: (``\\u0000`` is an escaped backslash followed by the text "u0000").
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def _to_json(what: str, value: object) -> str:
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise errors.ValidationError(f"{what} is not JSON-serialisable: {exc}") from exc
     # PostgreSQL's jsonb cannot hold U+0000; refuse it on every database alike.
-    if "\\u0000" in text:
+    if _JSON_NUL.search(text):
         raise errors.ValidationError(f"{what} contains a NUL character (\\u0000)")
     return text
+
+
+def _checked_expectation(expected: ExpectedVersion) -> ExpectedVersion:
+    """Refuse hand-built ExpectedVersions that ``any()``/``no_stream()``/``exact()`` never make."""
+    if expected.kind == "exact":
+        if isinstance(expected.version, bool) or not isinstance(expected.version, int):
+            raise errors.ValidationError(
+                f"ExpectedVersion.exact() needs an int, got {type(expected.version).__name__}"
+            )
+        return ExpectedVersion.exact(expected.version)  # refuses < 0; 0 means no_stream
+    if expected.kind not in ("any", "no_stream"):
+        raise errors.ValidationError(f"unknown ExpectedVersion kind {expected.kind!r}")
+    return expected
 
 
 def _non_negative(name: str, value: object) -> int:
