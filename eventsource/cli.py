@@ -58,8 +58,10 @@ def _database_errors(ctx: Context) -> Iterator[None]:
     except errors.SchemaMissingError as exc:
         raise click.ClickException(f"{ctx.describe()}: {exc}") from exc
     except sa.exc.OperationalError as exc:
+        # Driver messages can span lines (libpq adds "\n\tIs the server running...").
+        reason = " ".join(line.strip() for line in str(exc.orig).splitlines() if line.strip())
         raise click.ClickException(
-            f"cannot use the database at {ctx.describe()}: {exc.orig}"
+            f"cannot use the database at {ctx.describe()}: {reason}"
         ) from exc
     except errors.EventSourceError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -118,7 +120,14 @@ def db_current(ctx: Context) -> None:
     engine = ctx.engine()
     with _database_errors(ctx):
         current = database.current_revision(engine)
+        elsewhere = current is None and database.managed_elsewhere(engine)
     head = database.head_revision()
+    if elsewhere:
+        click.echo(
+            f"current: unknown  head: {head}  (the tables exist but are managed by another "
+            "Alembic environment: check with your application's `alembic current`)"
+        )
+        return
     state = "up to date" if current == head else "needs `eventsource db upgrade`"
     click.echo(f"current: {current or 'none'}  head: {head}  ({state})")
 

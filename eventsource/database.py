@@ -19,7 +19,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from eventsource import models
+from eventsource import errors, models
 
 DATABASE_URL_ENV = "DATABASE_URL"
 DEFAULT_URL = "sqlite:///eventsource.db"
@@ -28,6 +28,19 @@ VERSION_TABLE = "eventsource_alembic_version"
 #: ``config.attributes`` key through which callers pass :class:`~eventsource.models.TableNames`.
 TABLE_NAMES_ATTRIBUTE = "eventsource.table_names"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Connection execution option: this connection only reads (SQLite: deferred BEGIN).
+READ_ONLY_OPTION = "eventsource_read_only"
+
+
+def version_table(table_names: models.TableNames | None = None) -> str:
+    """The Alembic version table for a set of table names.
+
+    Each set of names is its own schema with its own revision: a second set in the
+    same database must not look already migrated because the first one is.
+    """
+    if table_names is None or table_names == models.TableNames():
+        return VERSION_TABLE
+    return f"{VERSION_TABLE}_{table_names.events}"
 
 
 def database_url(url: str | sa.URL | None = None) -> sa.URL:
@@ -45,8 +58,9 @@ def create_engine(url: str | sa.URL | None = None, **kwargs: Any) -> sa.Engine:
     On SQLite this applies SQLAlchemy's pysqlite recipe: the driver's own transaction
     handling is turned off and every transaction starts with ``BEGIN IMMEDIATE``, so
     concurrent writers queue on the busy timeout instead of failing with "database is
-    locked" when a read lock is upgraded, and savepoints work. WAL mode lets readers
-    run beside the writer.
+    locked" when a read lock is upgraded, and savepoints work. A connection with the
+    execution option ``eventsource_read_only=True`` starts a deferred transaction
+    instead, which WAL mode lets run beside the writer (``status()`` uses it).
     """
     resolved = database_url(url)
     engine = sa.create_engine(resolved, **kwargs)
@@ -70,7 +84,10 @@ def _configure_sqlite(engine: sa.Engine, *, in_memory: bool) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def alembic_config(
@@ -82,7 +99,7 @@ def alembic_config(
     """An Alembic Config for the library's migrations, with no ``alembic.ini`` needed."""
     config = Config()
     config.set_main_option("script_location", str(migrations_path()))
-    config.set_main_option("version_table", VERSION_TABLE)
+    config.set_main_option("version_table", version_table(table_names))
     if connection is None:
         rendered = database_url(url).render_as_string(hide_password=False)
         config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
@@ -120,8 +137,13 @@ def upgrade(
     *,
     table_names: models.TableNames | None = None,
 ) -> None:
-    """Apply the library's migrations (``alembic upgrade head``) programmatically."""
+    """Apply the library's migrations (``alembic upgrade head``) programmatically.
+
+    Refuses a database whose tables were created by an application's own Alembic
+    (they are upgraded there, with ``alembic upgrade heads``).
+    """
     with _connected(target) as connection:
+        _refuse_foreign_schema(connection, table_names or models.TableNames())
         command.upgrade(alembic_config(connection=connection, table_names=table_names), revision)
 
 
@@ -136,11 +158,41 @@ def downgrade(
         command.downgrade(alembic_config(connection=connection, table_names=table_names), revision)
 
 
-def current_revision(target: sa.Engine | sa.Connection | str | sa.URL | None = None) -> str | None:
-    """The library schema revision the database is at (None when not migrated)."""
+def current_revision(
+    target: sa.Engine | sa.Connection | str | sa.URL | None = None,
+    *,
+    table_names: models.TableNames | None = None,
+) -> str | None:
+    """The library schema revision the database is at (None when not migrated here)."""
     with _connected(target) as connection:
-        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        context = MigrationContext.configure(
+            connection, opts={"version_table": version_table(table_names)}
+        )
         return context.get_current_revision()
+
+
+def managed_elsewhere(
+    target: sa.Engine | sa.Connection | str | sa.URL | None = None,
+    *,
+    table_names: models.TableNames | None = None,
+) -> bool:
+    """Whether the tables exist without the library's own version table.
+
+    That is the case when an application's Alembic applies the library's scripts.
+    """
+    names = table_names or models.TableNames()
+    with _connected(target) as connection:
+        inspector = sa.inspect(connection)
+        return inspector.has_table(names.events) and not inspector.has_table(version_table(names))
+
+
+def _refuse_foreign_schema(connection: sa.Connection, names: models.TableNames) -> None:
+    if managed_elsewhere(connection, table_names=names):
+        raise errors.ConfigurationError(
+            f"the {names.events} table exists but {version_table(names)} does not: the "
+            "schema is managed by another Alembic environment (your application's, with "
+            "the eventsource branch); upgrade it there with `alembic upgrade heads`"
+        )
 
 
 def head_revision() -> str | None:

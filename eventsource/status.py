@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from eventsource import errors
+from eventsource import database, errors
 from eventsource.models import _PGXid8
 from eventsource.projection import Projection
 from eventsource.store import EventStore
@@ -56,6 +56,8 @@ def status(
     now = now or datetime.now(UTC)
     if isinstance(target, sa.Engine):
         with target.connect() as connection:
+            # Only reads: on SQLite do not queue behind writers for the write lock.
+            connection.execution_options(**{database.READ_ONLY_OPTION: True})
             return _status(connection, store, projections, now)
     connection = target.connection() if isinstance(target, Session) else target
     return _status(connection, store, projections, now)

@@ -181,6 +181,12 @@ def test_application_alembic_applies_the_library_branch(
         assert [(diff[0], diff[1].name) for diff in library_diffs] == [("remove_table", "orders")]
         assert removed_tables(compare_metadata(context, app_only)) == LIBRARY_TABLES
 
+    # The library's own upgrade path knows the schema is managed elsewhere and refuses
+    # to create it a second time.
+    assert es.database.managed_elsewhere(app_engine)
+    with pytest.raises(es.ConfigurationError, match="alembic upgrade heads"):
+        es.upgrade(app_engine)
+
 
 def removed_tables(diffs: list[object]) -> set[str]:
     return {diff[1].name for diff in diffs if diff[0] == "remove_table"}  # type: ignore[index]
