@@ -37,9 +37,19 @@ class Context:
     def __init__(self, url: str | None) -> None:
         self.url = url
 
-    def engine(self, **kwargs: Any) -> sa.Engine:
+    def engine(self, *, create: bool = False, **kwargs: Any) -> sa.Engine:
+        """An engine on the URL; refuses a SQLite file that does not exist unless ``create``
+        (a mistyped path would otherwise leave an empty database behind)."""
         try:
-            return database.create_engine(self.url, **kwargs)
+            url = database.database_url(self.url)
+            if not create and url.get_backend_name() == "sqlite":
+                path = url.database
+                if path and path != ":memory:" and not os.path.exists(path):
+                    raise click.ClickException(
+                        f"no SQLite database at {os.path.abspath(path)} (create it with "
+                        "`eventsource db upgrade`)"
+                    )
+            return database.create_engine(url, **kwargs)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
             raise click.UsageError(f"invalid database URL {self.url!r}: {exc}") from exc
 
@@ -107,7 +117,7 @@ def db() -> None:
 @click.pass_obj
 def db_upgrade(ctx: Context, revision: str) -> None:
     """Create or update the library's tables."""
-    engine = ctx.engine()
+    engine = ctx.engine(create=True)
     with _database_errors(ctx):
         database.upgrade(engine, revision)
         click.echo(f"{ctx.describe()}: at revision {database.current_revision(engine)}")
@@ -267,6 +277,19 @@ def run_command(
         metrics = PrometheusMetrics()
     keys = [partition_key] if partition_key is not None else list(range(total_partitions))
     needs_processors = [pair for pair in defined if pair.processor is None]
+    if len(needs_processors) < len(defined):
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("partition_key", "total_partitions", "batch_size", "poll_interval")
+            if click.get_current_context().get_parameter_source(name)
+            != click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            click.echo(
+                f"note: {', '.join(given)} apply only to projections given without a "
+                "processor; the app's (projection, processor) pairs keep their own config",
+                err=True,
+            )
     engine = ctx.engine(pool_size=max(5, len(needs_processors) * len(keys) + 1))
     store = EventStore()
     pairs: list[ProjectionRunner] = []
@@ -409,6 +432,8 @@ def load_app(spec: str) -> list[_Defined]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         _bad_app(spec, f"cannot import {module_name!r}: {exc}")
+    except Exception as exc:
+        _bad_app(spec, f"importing {module_name!r} raised {exc!r}")
     value: Any = module
     for part in attribute.split("."):
         try:

@@ -11,15 +11,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from eventsource import errors, models
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported inside the functions that need it: it costs about half a second
+# at import, which every CLI call and every application start would otherwise pay.
 
 DATABASE_URL_ENV = "DATABASE_URL"
 DEFAULT_URL = "sqlite:///eventsource.db"
@@ -97,6 +99,8 @@ def alembic_config(
     table_names: models.TableNames | None = None,
 ) -> Config:
     """An Alembic Config for the library's migrations, with no ``alembic.ini`` needed."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(migrations_path()))
     config.set_main_option("version_table", version_table(table_names))
@@ -144,6 +148,8 @@ def upgrade(
     """
     with _connected(target) as connection:
         _refuse_foreign_schema(connection, table_names or models.TableNames())
+        from alembic import command
+
         command.upgrade(alembic_config(connection=connection, table_names=table_names), revision)
 
 
@@ -154,6 +160,8 @@ def downgrade(
     table_names: models.TableNames | None = None,
 ) -> None:
     """Revert the library's migrations (default: remove its tables)."""
+    from alembic import command
+
     with _connected(target) as connection:
         command.downgrade(alembic_config(connection=connection, table_names=table_names), revision)
 
@@ -164,6 +172,8 @@ def current_revision(
     table_names: models.TableNames | None = None,
 ) -> str | None:
     """The library schema revision the database is at (None when not migrated here)."""
+    from alembic.runtime.migration import MigrationContext
+
     with _connected(target) as connection:
         context = MigrationContext.configure(
             connection, opts={"version_table": version_table(table_names)}
@@ -197,4 +207,6 @@ def _refuse_foreign_schema(connection: sa.Connection, names: models.TableNames) 
 
 def head_revision() -> str | None:
     """The newest revision the installed library ships."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
