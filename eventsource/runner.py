@@ -68,7 +68,11 @@ class Runner:
         return handled
 
     def stop(self) -> None:
-        """Ask every processor to finish its batch in hand and return (thread-safe)."""
+        """Ask every processor to finish its batch in hand and return (thread-safe).
+
+        A stop that arrives while :meth:`run` is still starting (e.g. right after
+        starting its thread) counts for that run: it returns as soon as it has begun.
+        """
         self._stopping.set()
         with self._lock:
             for pair in self._active:
@@ -78,7 +82,6 @@ class Runner:
 
     def _run(self, pairs: Iterable[Pair], work: Callable[[ProjectionRunner], None]) -> None:
         runners = validate_pairs(pairs)
-        self._stopping.clear()
         failures: list[tuple[ProjectionRunner, BaseException]] = []
 
         def target(pair: ProjectionRunner) -> None:
@@ -91,6 +94,9 @@ class Runner:
 
         with self._lock:
             self._active = runners
+            if self._stopping.is_set():  # stop() came before there was anything to stop
+                for pair in runners:
+                    pair.processor.stop()
         threads = [
             threading.Thread(
                 target=target,
@@ -108,6 +114,11 @@ class Runner:
                     thread.join(_JOIN_INTERVAL)
         with self._lock:
             self._active = []
+            self._stopping.clear()
+            # stop() also reached processors that had already returned (the one that
+            # failed, in fail-fast): clear that, or their next run would return at once.
+            for pair in runners:
+                pair.processor._stop.clear()
         if failures:
             pair, exc = failures[0]
             for other_pair, other in failures[1:]:
