@@ -41,17 +41,25 @@ class Context:
         """An engine on the URL; refuses a SQLite file that does not exist unless ``create``
         (a mistyped path would otherwise leave an empty database behind)."""
         try:
-            url = database.database_url(self.url)
-            if not create and url.get_backend_name() == "sqlite":
-                path = url.database
-                if path and path != ":memory:" and not os.path.exists(path):
-                    raise click.ClickException(
-                        f"no SQLite database at {os.path.abspath(path)} (create it with "
-                        "`eventsource db upgrade`)"
-                    )
-            return database.create_engine(url, **kwargs)
+            missing = None if create else self.missing_sqlite_file()
+            if missing:
+                raise click.ClickException(
+                    f"no SQLite database at {missing} (create it with `eventsource db upgrade`)"
+                )
+            return database.create_engine(self.url, **kwargs)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
             raise click.UsageError(f"invalid database URL {self.url!r}: {exc}") from exc
+
+    def missing_sqlite_file(self) -> str | None:
+        """The absolute path of the SQLite file the URL names, when it does not exist."""
+        try:
+            url = database.database_url(self.url)
+        except sa.exc.ArgumentError as exc:
+            raise click.UsageError(f"invalid database URL {self.url!r}: {exc}") from exc
+        path = url.database
+        if url.get_backend_name() != "sqlite" or not path or path == ":memory:":
+            return None
+        return None if os.path.exists(path) else os.path.abspath(path)
 
     def describe(self) -> str:
         try:
@@ -127,6 +135,13 @@ def db_upgrade(ctx: Context, revision: str) -> None:
 @click.pass_obj
 def db_current(ctx: Context) -> None:
     """Show the library schema revision of the database and the newest one available."""
+    missing = ctx.missing_sqlite_file()
+    if missing:
+        click.echo(
+            f"current: none  head: {database.head_revision()}  (no database at {missing} "
+            "yet: `eventsource db upgrade` creates it)"
+        )
+        return
     engine = ctx.engine()
     with _database_errors(ctx):
         current = database.current_revision(engine)

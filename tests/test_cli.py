@@ -1,0 +1,860 @@
+"""The ``eventsource`` command, driven through its installed entry point in subprocesses.
+
+Every test runs the real console script with a real database (SQLite file and
+PostgreSQL) and a small application module written into a temporary directory (the
+command's working directory): two projections whose read models are tables the test
+creates, each with a ``reset`` hook that clears its table. Results are checked in the
+database (read models against the events table, checkpoint rows) and in the command's
+output and exit code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sysconfig
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import eventsource as es
+from eventsource.database import head_revision
+from eventsource.partition import fnv1a_32
+from eventsource.status import status
+
+#: Seconds any single command may take before the test fails.
+TIMEOUT = 120
+
+APP_SOURCE = '''\
+"""A small application for the CLI tests: two projections writing read-model tables."""
+
+from __future__ import annotations
+
+import os
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import eventsource as es
+
+
+class Orders(es.Projection):
+    """One row per event: the primary key makes a double-applied event fail loudly."""
+
+    name = "orders"
+
+    def handle(self, event: es.PersistedEvent, session: Session) -> None:
+        if os.environ.get("MYAPP_FAIL_AT") == str(event.global_position):
+            raise RuntimeError(f"refusing event {event.global_position}")
+        session.execute(
+            sa.text(
+                "INSERT INTO orders_rm (global_position, aggregate_id, aggregate_version, "
+                "amount) VALUES (:position, :aggregate_id, :version, :amount)"
+            ),
+            {
+                "position": event.global_position,
+                "aggregate_id": event.aggregate_id,
+                "version": event.aggregate_version,
+                "amount": event.payload["amount"],
+            },
+        )
+
+    def reset(self, session: Session) -> None:
+        session.execute(sa.text("DELETE FROM orders_rm"))
+
+
+class Totals(es.Projection):
+    """One row per aggregate: events seen, amount summed, last version."""
+
+    name = "totals"
+
+    def handle(self, event: es.PersistedEvent, session: Session) -> None:
+        params = {
+            "aggregate_id": event.aggregate_id,
+            "version": event.aggregate_version,
+            "amount": event.payload["amount"],
+        }
+        updated = session.execute(
+            sa.text(
+                "UPDATE totals_rm SET events = events + 1, amount = amount + :amount, "
+                "last_version = :version WHERE aggregate_id = :aggregate_id"
+            ),
+            params,
+        )
+        if updated.rowcount == 0:
+            session.execute(
+                sa.text(
+                    "INSERT INTO totals_rm (aggregate_id, events, amount, last_version) "
+                    "VALUES (:aggregate_id, 1, :amount, :version)"
+                ),
+                params,
+            )
+
+    def reset(self, session: Session) -> None:
+        session.execute(sa.text("DELETE FROM totals_rm"))
+
+
+PROJECTIONS = [Orders(), Totals()]
+
+
+def projections() -> list[es.Projection]:
+    """A factory, as an application might define one."""
+    return [Orders(), Totals()]
+
+
+NOT_PROJECTIONS = 42
+NAMES = ["orders", "totals"]
+'''
+
+READ_MODEL_DDL = (
+    "CREATE TABLE orders_rm (global_position BIGINT PRIMARY KEY, aggregate_id TEXT NOT NULL, "
+    "aggregate_version BIGINT NOT NULL, amount BIGINT NOT NULL)",
+    "CREATE TABLE totals_rm (aggregate_id TEXT PRIMARY KEY, events BIGINT NOT NULL, "
+    "amount BIGINT NOT NULL, last_version BIGINT NOT NULL)",
+)
+
+STATUS_KEYS = {
+    "projection",
+    "partition_key",
+    "total_partitions",
+    "checkpoint",
+    "head",
+    "lag",
+    "events_handled",
+    "updated_at",
+    "age_seconds",
+}
+
+
+# -- running the command ------------------------------------------------------------
+
+
+def entry_point() -> list[str]:
+    """The installed ``eventsource`` console script (the one beside this interpreter)."""
+    name = "eventsource.exe" if os.name == "nt" else "eventsource"
+    candidate = Path(sysconfig.get_path("scripts")) / name
+    if candidate.exists():
+        return [str(candidate)]
+    found = shutil.which("eventsource")
+    if found:
+        return [found]
+    pytest.fail("the `eventsource` console script is not installed (pip install -e .)")
+
+
+ENTRY_POINT = entry_point()
+
+
+def url_text(url: sa.URL | str) -> str:
+    return url if isinstance(url, str) else url.render_as_string(hide_password=False)
+
+
+def command_env(url: sa.URL | str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "PARTITION_KEY", "TOTAL_PARTITIONS", "MYAPP_FAIL_AT")
+    }
+    if url is not None:
+        env["DATABASE_URL"] = url_text(url)
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Call:
+    """One invocation: arguments, and the database URL given through DATABASE_URL."""
+
+    args: Sequence[str]
+    url: sa.URL | str | None = None
+    env: dict[str, str] | None = None
+
+    def popen(self, cwd: Path) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*ENTRY_POINT, *self.args],
+            cwd=cwd,
+            env=command_env(self.url, self.env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+def cli(
+    cwd: Path,
+    *args: str,
+    url: sa.URL | str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``eventsource ARGS`` to completion, stdin not a terminal."""
+    return finish(Call(args, url, env).popen(cwd))
+
+
+def finish(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{process.args!r} did not finish in {TIMEOUT} s; stderr:\n{stderr}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def cli_many(cwd: Path, calls: Sequence[Call]) -> list[subprocess.CompletedProcess[str]]:
+    """Run independent invocations concurrently (they are slow to start)."""
+    processes = [call.popen(cwd) for call in calls]
+    return [finish(process) for process in processes]
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, (
+        f"{result.args} exited {result.returncode}\nstdout:\n{result.stdout}\n"
+        f"stderr:\n{result.stderr}"
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def assert_clean_error(
+    result: subprocess.CompletedProcess[str],
+    exit_code: int,
+    *fragments: str,
+    also: re.Pattern[str] | None = None,
+) -> str:
+    """The command failed with ``exit_code`` and one ``Error:`` line holding ``fragments``.
+
+    Other stderr lines may only be click's usage hint, or lines matching ``also``.
+    """
+    detail = f"{result.args}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == exit_code, detail
+    assert "Traceback" not in result.stderr, detail
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    for line in lines:
+        allowed = line.startswith(("Error: ", "Usage: ", "Try '"))
+        assert allowed or (also is not None and also.search(line)), detail
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1, detail
+    for fragment in fragments:
+        assert fragment in errors[0], detail
+    return errors[0]
+
+
+# -- the application and its database ------------------------------------------------
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    """The command's working directory, holding the application module ``myapp.py``."""
+    directory = tmp_path / "app"
+    directory.mkdir()
+    (directory / "myapp.py").write_text(APP_SOURCE)
+    return directory
+
+
+def load_app_module(app_dir: Path) -> ModuleType:
+    """Import the same application module in the test process (under a private name)."""
+    name = f"myapp_{id(app_dir)}"
+    spec = importlib.util.spec_from_file_location(name, app_dir / "myapp.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def db(db_url: sa.URL) -> Iterator[sa.Engine]:
+    """An engine on a migrated database that also has the application's read-model tables."""
+    engine = with_read_models(db_url)
+    yield engine
+    engine.dispose()
+
+
+def with_read_models(url: sa.URL) -> sa.Engine:
+    engine = es.create_engine(url)
+    with engine.begin() as conn:
+        for ddl in READ_MODEL_DDL:
+            conn.exec_driver_sql(ddl)
+    return engine
+
+
+def cli_url(engine: sa.Engine) -> str:
+    """The URL handed to the command; PostgreSQL as a plain postgresql:// URL (psycopg 3)."""
+    url = engine.url
+    if url.get_backend_name() == "postgresql":
+        url = url.set(drivername="postgresql")
+    return url_text(url)
+
+
+def append_events(engine: sa.Engine, count: int, *, first_amount: int = 1) -> None:
+    """``count`` events, round-robin over 7 aggregates, amounts first_amount, +1, ..."""
+    store = es.EventStore()
+    with Session(engine) as session, session.begin():
+        for i in range(count):
+            amount = first_amount + i
+            store.append(
+                session,
+                [
+                    es.Event(
+                        bounded_context="sales",
+                        aggregate_type="Order",
+                        aggregate_id=f"order-{amount % 7}",
+                        event_type="OrderPlaced",
+                        payload={"amount": amount},
+                    )
+                ],
+            )
+
+
+def events(engine: sa.Engine) -> list[tuple[int, str, int, int]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT global_position, aggregate_id, aggregate_version, payload FROM events "
+                "ORDER BY global_position"
+            )
+        ).all()
+    result = []
+    for position, aggregate_id, version, payload in rows:
+        data: Any = json.loads(payload) if isinstance(payload, str) else payload
+        result.append((int(position), str(aggregate_id), int(version), int(data["amount"])))
+    return result
+
+
+def orders_rows(engine: sa.Engine) -> list[tuple[int, str, int, int]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT global_position, aggregate_id, aggregate_version, amount FROM orders_rm "
+                "ORDER BY global_position"
+            )
+        ).all()
+    return [(int(p), str(a), int(v), int(m)) for p, a, v, m in rows]
+
+
+def totals_rows(engine: sa.Engine) -> list[tuple[str, int, int, int]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT aggregate_id, events, amount, last_version FROM totals_rm "
+                "ORDER BY aggregate_id"
+            )
+        ).all()
+    return [(str(a), int(n), int(m), int(v)) for a, n, m, v in rows]
+
+
+def expected_totals(engine: sa.Engine) -> list[tuple[str, int, int, int]]:
+    """What Totals must hold, computed from the events table."""
+    by_aggregate: dict[str, tuple[int, int, int]] = {}
+    for _, aggregate_id, version, amount in events(engine):
+        count, total, _last = by_aggregate.get(aggregate_id, (0, 0, 0))
+        by_aggregate[aggregate_id] = (count + 1, total + amount, version)
+    return [(a, *values) for a, values in sorted(by_aggregate.items())]
+
+
+def assert_read_models_complete(engine: sa.Engine) -> None:
+    """Both read models hold every event exactly once."""
+    assert orders_rows(engine) == events(engine)
+    assert totals_rows(engine) == expected_totals(engine)
+
+
+def checkpoint_rows(engine: sa.Engine) -> list[tuple[Any, ...]]:
+    """Every column of every checkpoint row, as stored."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT * FROM projection_checkpoints ORDER BY projection_name, partition_key")
+        ).all()
+    return [tuple(row) for row in rows]
+
+
+def status_json(result: subprocess.CompletedProcess[str]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Parse ``status --json`` output, checking every row's schema."""
+    rows = json.loads(result.stdout)
+    assert isinstance(rows, list)
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in rows:
+        assert set(row) == STATUS_KEYS, row
+        assert isinstance(row["projection"], str)
+        for key in ("partition_key", "total_partitions", "checkpoint", "head", "lag"):
+            assert type(row[key]) is int, (key, row)
+        assert type(row["events_handled"]) is int, row
+        if row["updated_at"] is None:
+            assert row["age_seconds"] is None, row
+        else:
+            assert isinstance(row["updated_at"], str), row
+            assert datetime.fromisoformat(row["updated_at"]).tzinfo is not None, row
+            age = row["age_seconds"]
+            assert isinstance(age, int | float), row
+            assert not isinstance(age, bool), row
+            assert 0 <= age < 600, row
+        by_key[(row["projection"], row["partition_key"])] = row
+    assert len(by_key) == len(rows), "one row per projection partition"
+    return by_key
+
+
+def status_lags(engine: sa.Engine) -> dict[tuple[str, int], int]:
+    return {(row.projection, row.partition_key): row.lag for row in status(engine)}
+
+
+def wait_until(condition: Any, what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+# -- db upgrade / current -------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database with no schema: a new SQLite file, or an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fresh.db'}"
+    url: sa.URL = request.getfixturevalue("empty_pg_url")
+    return url_text(url.set(drivername="postgresql"))
+
+
+def test_db_upgrade_on_an_empty_database_then_current_is_up_to_date(
+    empty_url: str, app_dir: Path
+) -> None:
+    before = ok(cli(app_dir, "db", "current", url=empty_url))
+    assert before.stdout.startswith(f"current: none  head: {head_revision()}  (")
+    assert "eventsource db upgrade" in before.stdout
+    # Unmigrated: every command that needs the tables says what to run (the three
+    # commands on SQLite; on PostgreSQL, status is enough: the check is the same code).
+    calls = [Call(["status"], empty_url)]
+    if empty_url.startswith("sqlite"):
+        calls += [
+            Call(["run", "myapp:PROJECTIONS", "--until-caught-up"], empty_url),
+            Call(["rebuild", "orders", "--app", "myapp:PROJECTIONS", "--yes"], empty_url),
+        ]
+    unmigrated = cli_many(app_dir, calls)
+    for result in unmigrated:
+        if empty_url.startswith("sqlite"):  # no file yet: none is created by mistake
+            assert_clean_error(result, 1, "no SQLite database at", "`eventsource db upgrade`")
+        else:
+            assert_clean_error(result, 1, "run `eventsource db upgrade`", "events")
+    if empty_url.startswith("sqlite"):
+        assert not (app_dir.parent / "fresh.db").exists()
+        assert not any(app_dir.parent.glob("fresh.db*"))
+
+    upgraded = ok(cli(app_dir, "db", "upgrade", url=empty_url))
+    assert f"at revision {head_revision()}" in upgraded.stdout
+
+    after = ok(cli(app_dir, "--database-url", empty_url, "db", "current"))
+    assert (
+        after.stdout.strip() == f"current: {head_revision()}  head: {head_revision()}  (up to date)"
+    )
+    engine = es.create_engine(empty_url)
+    try:
+        assert status(engine) == []  # the tables exist now
+    finally:
+        engine.dispose()
+
+
+# -- status and run -------------------------------------------------------------------
+
+
+def test_status_shows_exact_lag_before_and_after_running(db: sa.Engine, app_dir: Path) -> None:
+    url = cli_url(db)
+    append_events(db, 30)
+
+    never_run = cli(
+        app_dir, "status", "--app", "myapp:PROJECTIONS", "--json", "--max-lag", "29", url=url
+    )
+    assert never_run.returncode == 3, never_run.stderr
+    rows = status_json(never_run)
+    assert set(rows) == {("orders", 0), ("totals", 0)}
+    for row in rows.values():
+        assert (row["checkpoint"], row["head"], row["lag"], row["events_handled"]) == (0, 30, 30, 0)
+        assert (row["total_partitions"], row["updated_at"], row["age_seconds"]) == (1, None, None)
+    assert never_run.stderr.splitlines() == [
+        "orders partition 0 lags 30 events (max 29)",
+        "totals partition 0 lags 30 events (max 29)",
+    ]
+
+    ran = ok(cli(app_dir, "run", "myapp:PROJECTIONS", "--until-caught-up", url=url))
+    assert ran.stdout.splitlines() == [
+        "orders partition 0: handled 30 events",
+        "totals partition 0: handled 30 events",
+    ]
+    assert "running 2 processor(s): orders, totals" in ran.stderr
+    assert_read_models_complete(db)
+
+    caught_up = ok(cli(app_dir, "status", "--json", "--max-lag", "0", url=url))
+    rows = status_json(caught_up)
+    assert set(rows) == {("orders", 0), ("totals", 0)}
+    for row in rows.values():
+        assert (row["checkpoint"], row["head"], row["lag"], row["events_handled"]) == (
+            30,
+            30,
+            0,
+            30,
+        )
+        assert row["updated_at"] is not None
+    assert caught_up.stderr == ""
+
+    append_events(db, 7, first_amount=31)
+    lagging = cli(app_dir, "--database-url", url, "status", "--json", "--max-lag", "6")
+    assert lagging.returncode == 3, lagging.stderr
+    rows = status_json(lagging)
+    for row in rows.values():
+        assert (row["checkpoint"], row["head"], row["lag"], row["events_handled"]) == (
+            30,
+            37,
+            7,
+            30,
+        )
+    assert lagging.stderr.splitlines() == [
+        "orders partition 0 lags 7 events (max 6)",
+        "totals partition 0 lags 7 events (max 6)",
+    ]
+
+    # The table for people: lag at the limit is healthy (exit 0).
+    table = ok(cli(app_dir, "status", "--max-lag", "7", url=url))
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == [
+        "PROJECTION",
+        "PARTITION",
+        "CHECKPOINT",
+        "HEAD",
+        "LAG",
+        "UPDATED",
+        "AGE",
+    ]
+    assert [line.split()[:5] for line in lines] == [
+        ["orders", "0/1", "30", "37", "7"],
+        ["totals", "0/1", "30", "37", "7"],
+    ]
+    assert table.stderr == ""
+
+
+def test_run_partitions_in_two_processes_apply_every_event_once(
+    db: sa.Engine, app_dir: Path
+) -> None:
+    url = cli_url(db)
+    append_events(db, 60)
+    first, second = cli_many(
+        app_dir,
+        [
+            Call(
+                [
+                    "run",
+                    "myapp:projections",
+                    "--partition-key",
+                    "0",
+                    "--total-partitions",
+                    "2",
+                    "--batch-size",
+                    "5",
+                    "--until-caught-up",
+                ],
+                url,
+            ),
+            Call(
+                ["run", "myapp:projections", "--batch-size", "5", "--until-caught-up"],
+                url,
+                env={"PARTITION_KEY": "1", "TOTAL_PARTITIONS": "2"},
+            ),
+        ],
+    )
+    ok(first)
+    ok(second)
+    assert_read_models_complete(db)
+
+    # Each process handled exactly its partition's events (FNV-1a of the aggregate id).
+    per_partition = Counter(fnv1a_32(aggregate_id) % 2 for _, aggregate_id, _, _ in events(db))
+    assert per_partition[0] > 0, "both partitions get events"
+    assert per_partition[1] > 0, "both partitions get events"
+    for key, result in ((0, first), (1, second)):
+        assert result.stdout.splitlines() == [
+            f"orders partition {key}: handled {per_partition[key]} events",
+            f"totals partition {key}: handled {per_partition[key]} events",
+        ]
+    rows = status(db)
+    assert [(r.projection, r.partition_key, r.total_partitions) for r in rows] == [
+        ("orders", 0, 2),
+        ("orders", 1, 2),
+        ("totals", 0, 2),
+        ("totals", 1, 2),
+    ]
+    for row in rows:
+        assert (row.checkpoint, row.head, row.lag) == (60, 60, 0)
+        assert row.events_handled == per_partition[row.partition_key]
+
+
+def run_until_signalled(engine: sa.Engine, app_dir: Path, signum: int) -> None:
+    """``run`` (no --until-caught-up) keeps projecting new events, then stops on ``signum``."""
+    append_events(engine, 10)
+    call = Call(["run", "myapp:PROJECTIONS", "--poll-interval", "0.05"], cli_url(engine))
+    process = call.popen(app_dir)
+    try:
+        wait_until(
+            lambda: status_lags(engine) == {("orders", 0): 0, ("totals", 0): 0},
+            "the first catch-up",
+        )
+        append_events(engine, 5, first_amount=11)  # it keeps polling
+        wait_until(
+            lambda: [(r.checkpoint, r.lag) for r in status(engine)] == [(15, 0), (15, 0)],
+            "the new events",
+        )
+        assert process.poll() is None, "still running"
+        process.send_signal(signum)
+    except BaseException:
+        process.kill()
+        finish(process)
+        raise
+    result = ok(finish(process))
+    assert result.stderr.splitlines()[-1] == "stopped"
+    assert_read_models_complete(engine)
+
+
+def test_run_stops_gracefully_on_sigint(db: sa.Engine, app_dir: Path) -> None:
+    run_until_signalled(db, app_dir, signal.SIGINT)
+
+
+def test_run_stops_gracefully_on_sigterm(sqlite_url: sa.URL, app_dir: Path) -> None:
+    engine = with_read_models(sqlite_url)
+    try:
+        run_until_signalled(engine, app_dir, signal.SIGTERM)
+    finally:
+        engine.dispose()
+
+
+# -- rebuild and reset -----------------------------------------------------------------
+
+
+PROGRESS_LINE = re.compile(r"^rebuild orders: +(\d+)% (\d+)/(\d+) events .*ETA")
+
+
+def test_rebuild_produces_the_same_read_model_as_a_first_run(db: sa.Engine, app_dir: Path) -> None:
+    url = cli_url(db)
+    append_events(db, 40)
+    ok(cli(app_dir, "run", "myapp:PROJECTIONS", "--until-caught-up", url=url))
+    first_orders = orders_rows(db)
+    assert len(first_orders) == 40
+    # Damage both read models; a rebuild of orders repairs orders only.
+    with db.begin() as conn:
+        conn.execute(sa.text("DELETE FROM orders_rm WHERE global_position > 20"))
+        conn.execute(sa.text("UPDATE orders_rm SET amount = -1"))
+        conn.execute(sa.text("UPDATE totals_rm SET events = 999"))
+    damaged_orders, damaged_totals = orders_rows(db), totals_rows(db)
+    checkpoints_before = checkpoint_rows(db)
+
+    refused = cli(app_dir, "rebuild", "orders", "--app", "myapp:PROJECTIONS", url=url)
+    assert_clean_error(refused, 2, "--yes")
+    assert orders_rows(db) == damaged_orders
+    assert checkpoint_rows(db) == checkpoints_before
+
+    rebuilt = ok(
+        cli(
+            app_dir,
+            "rebuild",
+            "orders",
+            "--app",
+            "myapp:PROJECTIONS",
+            "--yes",
+            "--batch-size",
+            "7",
+            url=url,
+        )
+    )
+    assert orders_rows(db) == first_orders
+    assert totals_rows(db) == damaged_totals
+    assert rebuilt.stdout.startswith("rebuilt orders: 40 events handled, 40 read, in ")
+    # Not a terminal: plain progress lines, no carriage-return bar.
+    assert "\r" not in rebuilt.stderr
+    progress = [PROGRESS_LINE.match(line) for line in rebuilt.stderr.splitlines()]
+    done = [int(match.group(2)) for match in progress if match]
+    assert done, rebuilt.stderr
+    assert done == sorted(done)
+    assert done[-1] == 40
+    assert {match.group(3) for match in progress if match} == {"40"}
+    assert rebuilt.stderr.splitlines()[-1].startswith("rebuild orders: 100% 40/40 events")
+    rows = {row.projection: row for row in status(db)}
+    assert (rows["orders"].checkpoint, rows["orders"].lag, rows["orders"].events_handled) == (
+        40,
+        0,
+        40,
+    )
+
+    # A rebuild whose handler fails midway leaves everything as it was.
+    with db.begin() as conn:
+        conn.execute(sa.text("UPDATE orders_rm SET amount = amount + 1000"))
+    before_failure = orders_rows(db), totals_rows(db), checkpoint_rows(db)
+    failed = cli(
+        app_dir,
+        "rebuild",
+        "orders",
+        "--app",
+        "myapp:PROJECTIONS",
+        "--yes",
+        "--batch-size",
+        "5",
+        url=url,
+        env={"MYAPP_FAIL_AT": "23"},
+    )
+    # Besides the error: progress so far, and the processor's log line of the failure.
+    progress_or_log = re.compile(f"{PROGRESS_LINE.pattern}|ERROR eventsource.processor: ")
+    assert_clean_error(
+        failed, 1, "'orders'", "position 23", "refusing event 23", also=progress_or_log
+    )
+    assert (orders_rows(db), totals_rows(db), checkpoint_rows(db)) == before_failure
+    assert not [line for line in failed.stdout.splitlines() if line.startswith("rebuilt")]
+
+
+def test_reset_deletes_checkpoints_and_with_app_clears_the_read_model(
+    db: sa.Engine, app_dir: Path
+) -> None:
+    url = cli_url(db)
+    append_events(db, 10)
+    app = load_app_module(app_dir)
+    es.Runner(handle_signals=False).run_until_caught_up(
+        [(projection, es.Processor(db)) for projection in app.projections()]
+    )
+    assert_read_models_complete(db)
+    orders_before = orders_rows(db)
+
+    plain, with_app, unknown = cli_many(
+        app_dir,
+        [
+            Call(["reset", "orders", "--yes"], url),
+            Call(["reset", "totals", "--app", "myapp:PROJECTIONS", "--yes"], url),
+            Call(["reset", "nosuch", "--yes"], url),
+        ],
+    )
+    assert ok(plain).stdout.strip() == "reset orders: deleted 1 checkpoint row(s)"
+    assert ok(with_app).stdout.strip() == "reset totals: deleted 1 checkpoint row(s)"
+    # (The known names depend on which concurrent reset finished first.)
+    assert_clean_error(unknown, 1, "no checkpoints for projection 'nosuch' (known: ")
+
+    assert status(db) == []
+    assert checkpoint_rows(db) == []
+    assert orders_rows(db) == orders_before  # without --app the read model stays
+    assert totals_rows(db) == []  # its reset() hook ran
+
+    # A reset projection replays from the start.
+    rows = status(db, projections=app.projections())
+    assert [(row.projection, row.checkpoint, row.lag) for row in rows] == [
+        ("orders", 0, 10),
+        ("totals", 0, 10),
+    ]
+
+
+# -- errors and help ---------------------------------------------------------------------
+
+
+def test_unparseable_database_url_is_a_usage_error(app_dir: Path) -> None:
+    from_env, from_option = cli_many(
+        app_dir,
+        [
+            Call(["status"], "notaurl://"),
+            Call(["--database-url", "notaurl://", "run", "myapp:PROJECTIONS"]),
+        ],
+    )
+    assert_clean_error(from_env, 2, "invalid database URL 'notaurl://'")
+    assert_clean_error(from_option, 2, "invalid database URL 'notaurl://'")
+
+
+@pytest.mark.postgres
+def test_unreachable_postgresql_gives_one_line(app_dir: Path, pg_url: sa.URL) -> None:
+    missing_db = url_text(pg_url.set(drivername="postgresql", database="es_no_such_database"))
+    closed_port = "postgresql://postgres@127.0.0.1:1/postgres"
+    no_database, refused = cli_many(
+        app_dir,
+        [
+            Call(["status"], missing_db),
+            Call(["run", "myapp:PROJECTIONS", "--until-caught-up"], closed_port),
+        ],
+    )
+    assert_clean_error(
+        no_database, 1, "cannot use the database at", "es_no_such_database", "does not exist"
+    )
+    assert_clean_error(
+        refused,
+        1,
+        "cannot use the database at postgresql+psycopg://postgres@127.0.0.1:1/postgres",
+        "refused",
+    )
+
+
+def test_bad_app_and_projection_arguments(sqlite_url: sa.URL, app_dir: Path) -> None:
+    url = url_text(sqlite_url)
+    app = "myapp:PROJECTIONS"
+    cases: list[tuple[list[str], int, list[str]]] = [
+        (["run", "myapp"], 2, ["'myapp'", "expected MODULE:ATTRIBUTE"]),
+        (["status", "--app", "nosuchmodule:X"], 2, ["cannot import 'nosuchmodule'"]),
+        (
+            ["rebuild", "orders", "--app", "myapp:MISSING", "--yes"],
+            2,
+            ["'myapp' has no attribute 'MISSING'"],
+        ),
+        (["run", "myapp:NOT_PROJECTIONS"], 2, ["expected projections", "got 42"]),
+        (["reset", "orders", "--app", "myapp:NAMES", "--yes"], 2, ["is neither a Projection"]),
+        (
+            ["rebuild", "nosuch", "--app", app, "--yes"],
+            1,
+            ["unknown projection 'nosuch'", "orders, totals"],
+        ),
+        (
+            ["run", app, "--partition-key", "2", "--total-partitions", "2"],
+            2,
+            ["--partition-key", "must be below --total-partitions (2)"],
+        ),
+    ]
+    results = cli_many(app_dir, [Call(args, url) for args, _, _ in cases])
+    for (_, exit_code, fragments), result in zip(cases, results, strict=True):
+        assert_clean_error(result, exit_code, *fragments)
+    engine = es.create_engine(sqlite_url)
+    try:
+        assert checkpoint_rows(engine) == []
+    finally:
+        engine.dispose()
+
+
+HELP = [
+    ([], ["Operate eventsource", "MODULE:ATTRIBUTE", "DATABASE_URL"]),
+    (["db"], ["migrations", "upgrade", "current"]),
+    (["db", "upgrade"], ["Create or update the library's tables"]),
+    (["db", "current"], ["schema revision"]),
+    (["status"], ["lag", "--json", "--max-lag", "--app"]),
+    (
+        ["run"],
+        [
+            "SIGTERM",
+            "--partition-key",
+            "PARTITION_KEY",
+            "TOTAL_PARTITIONS",
+            "--batch-size",
+            "--until-caught-up",
+        ],
+    ),
+    (["reset"], ["checkpoints", "--app", "--yes"]),
+    (["rebuild"], ["reset()", "replay", "--app", "--yes", "--batch-size"]),
+]
+
+
+def test_help_of_every_command_explains_it(tmp_path: Path) -> None:
+    results = cli_many(tmp_path, [Call([*args, "--help"]) for args, _ in HELP])
+    for (args, fragments), result in zip(HELP, results, strict=True):
+        ok(result)
+        text = " ".join(result.stdout.split())  # undo click's line wrapping
+        assert text.startswith(f"Usage: eventsource {' '.join(args)}".rstrip()), args
+        for fragment in fragments:
+            assert fragment in text, (args, fragment, result.stdout)
