@@ -25,10 +25,16 @@ def test_quick_start(
 ) -> None:
     session = eventsource_session
     session.execute(sa.text("CREATE TABLE titles (id TEXT PRIMARY KEY, title TEXT NOT NULL)"))
-    book = dict(bounded_context="library", aggregate_type="Book", aggregate_id="b-1")
+    added = es.Event(
+        bounded_context="library",
+        aggregate_type="Book",
+        aggregate_id="b-1",
+        event_type="BookAdded",
+        payload={"title": "Dune"},
+    )
     result = event_store.append(
         session,
-        [es.Event(**book, event_type="BookAdded", payload={"title": "Dune"})],
+        [added],
         es.ExpectedVersion.no_stream(),
     )
     assert result.to_version == 1
