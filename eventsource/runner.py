@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 
@@ -48,6 +48,8 @@ class Runner:
         self._lock = threading.Lock()
         self._active: list[ProjectionRunner] = []
         self._stopping = threading.Event()
+        #: Whether the last run was ended by SIGINT/SIGTERM (not by stop() or catching up).
+        self.interrupted = False
 
     def run(self, pairs: Iterable[Pair]) -> None:
         """Run every pair until :meth:`stop` or a signal; raise the first failure."""
@@ -82,6 +84,17 @@ class Runner:
 
     def _run(self, pairs: Iterable[Pair], work: Callable[[ProjectionRunner], None]) -> None:
         runners = validate_pairs(pairs)
+        # Refuse a changed partition count once, before any thread starts, rather than
+        # once per partition thread.
+        checked: set[str] = set()
+        for pair in runners:
+            if pair.projection.name not in checked:
+                checked.add(pair.projection.name)
+                try:
+                    pair.processor.check_partitions(pair.projection)
+                except Exception as error:
+                    _raise_named(pair, error)
+        self.interrupted = False
         failures: list[tuple[ProjectionRunner, BaseException]] = []
 
         def target(pair: ProjectionRunner) -> None:
@@ -120,22 +133,14 @@ class Runner:
             for pair in runners:
                 pair.processor._stop.clear()
         if failures:
-            pair, exc = failures[0]
+            first_pair, first_error = failures[0]
             for other_pair, other in failures[1:]:
                 logger.error(
                     "projection %s also failed while stopping: %r",
                     other_pair.projection.name,
                     other,
                 )
-            if isinstance(exc, errors.EventSourceError):
-                raise exc
-            raise errors.ProjectionError(
-                f"projection {pair.projection.name!r} (partition "
-                f"{pair.processor.config.partition_key}) failed: {exc!r}",
-                projection=pair.projection.name,
-                partition_key=pair.processor.config.partition_key,
-                global_position=None,
-            ) from exc
+            _raise_named(first_pair, first_error)
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -144,8 +149,15 @@ class Runner:
             return
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
+            if self.interrupted:
+                # Second signal: the batches in hand are taking too long; give up on them
+                # (their transactions roll back when the process exits).
+                logger.warning("received %s again: stopping now", signal.Signals(signum).name)
+                raise KeyboardInterrupt
+            self.interrupted = True
             logger.info(
-                "received %s: finishing the batches in hand, then stopping",
+                "received %s: finishing the batches in hand, then stopping "
+                "(send it again to stop at once)",
                 signal.Signals(signum).name,
             )
             self.stop()
@@ -158,6 +170,19 @@ class Runner:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _raise_named(pair: ProjectionRunner, exc: BaseException) -> NoReturn:
+    """Raise ``exc`` so that it names the projection (library errors already do)."""
+    if isinstance(exc, errors.EventSourceError):
+        raise exc
+    raise errors.ProjectionError(
+        f"projection {pair.projection.name!r} (partition "
+        f"{pair.processor.config.partition_key}) failed: {exc!r}",
+        projection=pair.projection.name,
+        partition_key=pair.processor.config.partition_key,
+        global_position=None,
+    ) from exc
 
 
 def validate_pairs(pairs: Iterable[Pair]) -> list[ProjectionRunner]:

@@ -84,3 +84,37 @@ def test_sigterm_stops_the_runner_the_same_way(
     pg_engine: sa.Engine, store: es.EventStore, pg_url: sa.URL, tmp_path: Path
 ) -> None:
     interrupt_mid_stream(pg_engine, store, pg_url, tmp_path, signal.SIGTERM)
+
+
+def test_a_second_sigint_stops_at_once_and_the_batch_in_hand_rolls_back(
+    engine: sa.Engine, store: es.EventStore, db_url: sa.URL, tmp_path: Path
+) -> None:
+    """A handler stuck in a long batch: the first Ctrl+C waits, the second one does not."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE graceful_log (global_position BIGINT PRIMARY KEY)")
+    append_spread(engine, store, 30)
+    process = subprocess.Popen(  # 10 s per event: the first batch would take 100 s
+        [sys.executable, str(SCRIPT), db_url.render_as_string(hide_password=False), "10"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()  # the handler announces its first event
+        assert first.startswith("handling"), (first, process.communicate())
+        process.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=1)  # still finishing the batch in hand
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode != 0
+    assert "stopped cleanly" not in out
+    assert "KeyboardInterrupt" in err
+    assert logged_positions(engine) == []
+    assert checkpoint_position(engine, "graceful_log") == 0

@@ -24,6 +24,7 @@ class GracefulLog(es.Projection):
         self.delay = delay
 
     def handle(self, event: es.PersistedEvent, session: Session) -> None:
+        print(f"handling {event.global_position}", flush=True)
         time.sleep(self.delay)  # slow enough to be stopped mid-stream
         session.execute(
             sa.text("INSERT INTO graceful_log (global_position) VALUES (:p)"),
