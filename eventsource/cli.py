@@ -31,6 +31,8 @@ logger = logging.getLogger("eventsource.cli")
 
 #: Exit code of ``status --max-lag`` when a projection lags more.
 EXIT_LAGGING = 3
+#: Exit code of ``run --until-caught-up`` when a signal stopped it first (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 
 
 class Context:
@@ -337,6 +339,9 @@ def run_command(
             handled = runner.run_until_caught_up(pairs)
             for (name, key), count in sorted(handled.items()):
                 click.echo(f"{name} partition {key}: handled {count} events")
+            if runner.interrupted:
+                click.echo("interrupted before catching up", err=True)
+                sys.exit(EXIT_INTERRUPTED)
         else:
             runner.run(pairs)
             click.echo("stopped", err=True)

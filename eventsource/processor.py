@@ -147,7 +147,7 @@ class Processor:
         #: whose transactions always roll back).
         self.warn_on_own_transaction = True
         self._stop = threading.Event()
-        self._queries: dict[tuple[str, type[Projection]], _Queries] = {}
+        self._queries: dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Queries] = {}
 
     # -- public API -------------------------------------------------------------
 
@@ -202,10 +202,14 @@ class Processor:
                 handled += result.handled
                 if on_batch is not None:
                     on_batch(result)
-                if result.full:
+                if result.full and result.global_position < target:
                     continue
+                # A full batch past the target may already be enough: writers that keep
+                # appending must not keep a catch-up from ever returning.
                 if not self._blocked_before(projection, target):
                     break
+                if result.full:
+                    continue
                 now = time.monotonic()
                 if waiting_since is None or now - waiting_since >= WAIT_LOG_INTERVAL:
                     waiting_since = now
@@ -262,6 +266,14 @@ class Processor:
             queries = self._queries_for(session, projection)
             checkpoint = queries.lock_checkpoint(session, projection.name, config)
             rows = session.execute(queries.batch, checkpoint.params(config.batch_size)).all()
+            full = len(rows) >= config.batch_size
+            horizon = None
+            if not full and queries.horizon is not None:
+                # Filtered-out events still move the checkpoint, so a projection that wants
+                # 1% of the log does not rescan the other 99% on every poll. Read before the
+                # handlers run: rows they append carry this transaction's id, and moving
+                # the checkpoint onto it would pass transactions that commit later.
+                horizon = session.execute(queries.horizon, checkpoint.params(1)).first()
             handled = skipped = 0
             filter_in_python = queries.python_partition_filter
             tx, pos = checkpoint.transaction_id, checkpoint.global_position
@@ -294,13 +306,8 @@ class Processor:
                 and self.warn_on_own_transaction
             ):
                 self._warn_own_transaction(projection, checkpoint)
-            full = len(rows) >= config.batch_size
-            if not full and queries.horizon is not None:
-                # Filtered-out events still move the checkpoint, so a projection that wants
-                # 1% of the log does not rescan the other 99% on every poll.
-                top = session.execute(queries.horizon, checkpoint.params(1)).first()
-                if top is not None and (int(top[0]), int(top[1])) > (tx, pos):
-                    tx, pos = int(top[0]), int(top[1])
+            if horizon is not None and (int(horizon[0]), int(horizon[1])) > (tx, pos):
+                tx, pos = int(horizon[0]), int(horizon[1])
             moved = (tx, pos) != (checkpoint.transaction_id, checkpoint.global_position)
             if moved:
                 session.execute(
@@ -344,7 +351,8 @@ class Processor:
 
     def _queries_for(self, session: Session, projection: Projection) -> _Queries:
         dialect = session.get_bind().dialect.name
-        key = (dialect, type(projection))
+        # Scope may be set per instance, so it is part of the key, not only the class.
+        key = (dialect, projection.aggregate_types, projection.bounded_contexts)
         queries = self._queries.get(key)
         if queries is None:
             queries = _Queries(self.store.tables, dialect, projection, self.config)
@@ -562,8 +570,11 @@ class _Queries:
                 sa.exists().where(
                     after,
                     ev.c.global_position <= sa.bindparam("target"),
+                    # Inside a caller's transaction (tests, rebuilds), rows of its own and
+                    # of newer transactions cannot become readable before it ends: they are
+                    # left to later runs, which read them after it (nothing is skipped).
                     sa.func.coalesce(
-                        ev.c.transaction_id != sa.func.pg_current_xact_id_if_assigned(), True
+                        ev.c.transaction_id < sa.func.pg_current_xact_id_if_assigned(), True
                     ),
                 )
             )

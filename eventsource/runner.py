@@ -119,19 +119,21 @@ class Runner:
             )
             for pair in runners
         ]
-        with self._signals():
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(_JOIN_INTERVAL)
-        with self._lock:
-            self._active = []
-            self._stopping.clear()
-            # stop() also reached processors that had already returned (the one that
-            # failed, in fail-fast): clear that, or their next run would return at once.
-            for pair in runners:
-                pair.processor._stop.clear()
+        try:
+            with self._signals():
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    while thread.is_alive():
+                        thread.join(_JOIN_INTERVAL)
+        finally:  # also after a second signal's KeyboardInterrupt
+            with self._lock:
+                self._active = []
+                self._stopping.clear()
+                # stop() also reached processors that had already returned (the one that
+                # failed, in fail-fast): clear that, or their next run would return at once.
+                for pair in runners:
+                    pair.processor._stop.clear()
         if failures:
             first_pair, first_error = failures[0]
             for other_pair, other in failures[1:]:

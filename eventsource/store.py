@@ -167,6 +167,13 @@ class EventStore:
             & (heads.c.aggregate_type == batch.aggregate_type)
             & (heads.c.aggregate_id == batch.aggregate_id)
         )
+        if getattr(conn.connection.dbapi_connection, "isolation_level", None) is not None:
+            # The stdlib driver manages transactions itself: our SAVEPOINT would open the
+            # outermost transaction and its RELEASE commit it, behind the caller's back.
+            raise errors.ConfigurationError(
+                "this SQLite engine lets the sqlite3 driver manage transactions; create it "
+                "with eventsource.create_engine(url) (see the README on SQLite)"
+            )
         with conn.begin_nested():
             current = conn.execute(sa.select(heads.c.version).where(key)).scalar()
             if not _satisfies(expected, current):
@@ -519,8 +526,14 @@ def _validate(events: Sequence[Event]) -> _Batch:
             raise errors.DuplicateEventError(f"{where}.event_id {event.event_id} appears twice")
         seen.add(event.event_id)
         ev_version = event.event_version
-        if isinstance(ev_version, bool) or not isinstance(ev_version, int) or ev_version < 1:
-            raise errors.ValidationError(f"{where}.event_version must be an int >= 1")
+        if (
+            isinstance(ev_version, bool)
+            or not isinstance(ev_version, int)
+            or not 1 <= ev_version <= _MAX_INT32
+        ):
+            raise errors.ValidationError(
+                f"{where}.event_version must be an int in 1..{_MAX_INT32}, got {ev_version!r}"
+            )
         if event.metadata is not None and not isinstance(event.metadata, Mapping):
             raise errors.ValidationError(f"{where}.metadata must be a mapping or None")
         for name in ("causation_id", "correlation_id", "trace_id"):
@@ -529,6 +542,8 @@ def _validate(events: Sequence[Event]) -> _Batch:
                 raise errors.ValidationError(f"{where}.{name} must be a str or None")
             if value is not None and "\x00" in value:
                 raise errors.ValidationError(f"{where}.{name} contains a NUL character")
+            if value is not None:
+                _require_utf8(f"{where}.{name}", value)
         created = event.created_at
         if created is None:
             created = now
@@ -539,7 +554,7 @@ def _validate(events: Sequence[Event]) -> _Batch:
         batch.event_versions.append(ev_version)
         batch.payloads_json.append(_to_json(f"{where}.payload", event.payload))
         batch.metadatas_json.append(
-            None if event.metadata is None else _to_json(f"{where}.metadata", event.metadata)
+            None if event.metadata is None else _to_json(f"{where}.metadata", dict(event.metadata))
         )
         batch.causation_ids.append(event.causation_id)
         batch.correlation_ids.append(event.correlation_id)
@@ -548,11 +563,24 @@ def _validate(events: Sequence[Event]) -> _Batch:
     return batch
 
 
+_MAX_INT32 = 2**31 - 1
+
+
 def _require_text(what: str, value: object) -> None:
     if not isinstance(value, str) or not value.strip():
         raise errors.ValidationError(f"{what} must be a non-empty str, got {value!r}")
     if "\x00" in value:
         raise errors.ValidationError(f"{what} contains a NUL character")
+    _require_utf8(what, value)
+
+
+def _require_utf8(what: str, value: str) -> None:
+    """Refuse lone surrogates, which no database can store as text."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise errors.ValidationError(f"{what} is not valid Unicode text: {exc}") from exc
 
 
 #: An escaped U+0000 in JSON text: ``\u0000`` after an even number of backslashes
@@ -572,6 +600,7 @@ def _to_json(what: str, value: object) -> str:
     # PostgreSQL's jsonb cannot hold U+0000; refuse it on every database alike.
     if "\\u0000" in text and _JSON_NUL.search(text):
         raise errors.ValidationError(f"{what} contains a NUL character (\\u0000)")
+    _require_utf8(what, text)
     return text
 
 

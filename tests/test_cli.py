@@ -45,6 +45,7 @@ APP_SOURCE = '''\
 from __future__ import annotations
 
 import os
+import time
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -58,6 +59,7 @@ class Orders(es.Projection):
     name = "orders"
 
     def handle(self, event: es.PersistedEvent, session: Session) -> None:
+        time.sleep(float(os.environ.get("MYAPP_DELAY", "0")))
         if os.environ.get("MYAPP_FAIL_AT") == str(event.global_position):
             raise RuntimeError(f"refusing event {event.global_position}")
         session.execute(
@@ -627,6 +629,28 @@ def run_until_signalled(engine: sa.Engine, app_dir: Path, signum: int) -> None:
 
 def test_run_stops_gracefully_on_sigint(db: sa.Engine, app_dir: Path) -> None:
     run_until_signalled(db, app_dir, signal.SIGINT)
+
+
+def test_run_until_caught_up_interrupted_exits_non_zero(sqlite_url: sa.URL, app_dir: Path) -> None:
+    """A script must not mistake "stopped by a signal" for "caught up"."""
+    engine = with_read_models(sqlite_url)
+    try:
+        append_events(engine, 60)
+        args = ["run", "myapp:PROJECTIONS", "--until-caught-up", "--batch-size", "5"]
+        process = Call(args, cli_url(engine), {"MYAPP_DELAY": "0.1"}).popen(app_dir)
+        try:
+            wait_until(lambda: status_lags(engine).get(("orders", 0), 60) < 60, "progress")
+            process.send_signal(signal.SIGINT)
+        except BaseException:
+            process.kill()
+            finish(process)
+            raise
+        result = finish(process)
+        assert result.returncode == 130, result.stderr
+        assert result.stderr.splitlines()[-1] == "interrupted before catching up"
+        assert status_lags(engine)[("orders", 0)] > 0
+    finally:
+        engine.dispose()
 
 
 def test_run_stops_gracefully_on_sigterm(sqlite_url: sa.URL, app_dir: Path) -> None:

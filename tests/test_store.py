@@ -870,3 +870,32 @@ def test_custom_table_names(empty_engine: sa.Engine) -> None:
         assert store.stream_version(session, BC, AT, "order-1") == 3
     assert len(stored_rows(empty_engine, "events", CUSTOM_NAMES)) == 3
     assert [r["version"] for r in stored_rows(empty_engine, "aggregate_heads", CUSTOM_NAMES)] == [3]
+
+
+def test_sqlite_engine_without_the_recipe_is_refused(tmp_path: Path) -> None:
+    """With the stdlib driver managing transactions, a savepoint would commit behind the
+    caller's back: the store refuses instead of silently breaking the caller's rollback."""
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    es.upgrade(url)
+    plain = sa.create_engine(url)
+    try:
+        with (
+            Session(plain) as session,
+            session.begin(),
+            pytest.raises(es.ConfigurationError, match=r"eventsource\.create_engine"),
+        ):
+            es.EventStore().append(
+                session,
+                [
+                    es.Event(
+                        bounded_context="b",
+                        aggregate_type="A",
+                        aggregate_id="1",
+                        event_type="E",
+                    )
+                ],
+            )
+        with plain.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM events").scalar() == 0
+    finally:
+        plain.dispose()
