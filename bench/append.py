@@ -39,19 +39,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import signal
 import statistics
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any
 
 import psycopg
@@ -64,8 +61,18 @@ import eventsource
 from eventsource import Event, EventStore, ExpectedVersion
 from eventsource.partition import fnv1a_32
 
-URL_ENV = "EVENTSOURCE_BENCH_PG_URL"
-DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+# isort: split
+# bench/ is this script's directory, so first on sys.path: the benchmarks' shared helpers.
+from _common import (
+    EVENT_WRITE_COLUMNS,
+    add_url_argument,
+    exit_on_sigterm,
+    fmt_rate,
+    print_table,
+    psycopg_conninfo,
+    server_settings,
+    throwaway_database,
+)
 
 BOUNDED_CONTEXT = "bench"
 AGGREGATE_TYPE = "Order"
@@ -74,6 +81,15 @@ EVENT_TYPE = "OrderLinePriced"
 TARGET_STORE_VS_RAW_1 = 0.6
 TARGET_STORE_VS_RAW_10 = 0.7
 TARGET_STORE_VS_TABLE_LOCK = 4.0
+
+#: The server settings printed in the report's header.
+SERVER_SETTINGS = (
+    "server_version",
+    "fsync",
+    "synchronous_commit",
+    "wal_sync_method",
+    "commit_delay",
+)
 
 #: Runs one transaction and returns how many events it appended.
 Transaction = Callable[[], int]
@@ -190,31 +206,14 @@ RAW_HEADS_UPSERT = b"""
         SET version = EXCLUDED.version, transaction_id = EXCLUDED.transaction_id
         WHERE h.version = %s"""
 
-RAW_EVENT_COLUMNS = (
-    "bounded_context",
-    "aggregate_type",
-    "aggregate_id",
-    "aggregate_version",
-    "partition_hash",
-    "event_id",
-    "event_type",
-    "event_version",
-    "payload",
-    "metadata",
-    "causation_id",
-    "correlation_id",
-    "trace_id",
-    "created_at",
-)
-
 
 def raw_insert_statement(conn: psycopg.Connection[Any], rows: int) -> bytes:
     """``INSERT INTO events (...) VALUES (...), (...)`` for ``rows`` events, rendered once."""
     one_row = sql.SQL("({})").format(
-        sql.SQL(", ").join(sql.Placeholder() for _ in RAW_EVENT_COLUMNS)
+        sql.SQL(", ").join(sql.Placeholder() for _ in EVENT_WRITE_COLUMNS)
     )
     statement = sql.SQL("INSERT INTO events ({}) VALUES {}").format(
-        sql.SQL(", ").join(sql.Identifier(name) for name in RAW_EVENT_COLUMNS),
+        sql.SQL(", ").join(sql.Identifier(name) for name in EVENT_WRITE_COLUMNS),
         sql.SQL(", ").join(one_row for _ in range(rows)),
     )
     return statement.as_bytes(conn)
@@ -347,56 +346,6 @@ def measure(
     return Measurement(sum(r[2] for r in results), end - start, sum(r[3] for r in results))
 
 
-# -- database lifetime -----------------------------------------------------------------
-
-
-def psycopg_conninfo(url: sa.URL) -> str:
-    """A libpq connection string for an SQLAlchemy URL."""
-    params: dict[str, Any] = {
-        "host": url.host,
-        "port": url.port,
-        "user": url.username,
-        "password": url.password,
-        "dbname": url.database,
-    }
-    for key, value in url.query.items():
-        params[key] = value if isinstance(value, str) else value[-1]
-    return psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v is not None})
-
-
-@contextmanager
-def throwaway_database(admin_url: sa.URL) -> Iterator[sa.URL]:
-    """Create a database with a random name, yield its URL, always drop it."""
-    name = f"eventsource_bench_{secrets.token_hex(4)}"
-    admin = psycopg_conninfo(admin_url)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield admin_url.set(database=name)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            try:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-            except psycopg.errors.SyntaxError:  # PostgreSQL < 13
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        print(f"dropped database {name}", file=sys.stderr)
-
-
-def server_settings(conninfo: str) -> dict[str, str]:
-    names = ["server_version", "fsync", "synchronous_commit", "wal_sync_method", "commit_delay"]
-    with psycopg.connect(conninfo) as conn:
-        rows = conn.execute(
-            "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (names,)
-        ).fetchall()
-    return {str(name): str(value) for name, value in rows}
-
-
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that drops the database
-
-
 # -- reporting -------------------------------------------------------------------------
 
 
@@ -408,36 +357,12 @@ class Ratio:
     target: float | None
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], aligns: str) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        out = []
-        for cell, width, align in zip(cells, widths, aligns, strict=True):
-            out.append(cell.ljust(width) if align == "<" else cell.rjust(width))
-        return "  ".join(out).rstrip()
-
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-
-
-def fmt_rate(value: float) -> str:
-    return f"{value:,.0f}"
-
-
 # -- main ------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument(
-        "--url",
-        default=os.environ.get(URL_ENV, DEFAULT_ADMIN_URL),
-        help=f"admin URL of the PostgreSQL server (env {URL_ENV}; default {DEFAULT_ADMIN_URL}); "
-        "a throwaway database is created beside it",
-    )
+    add_url_argument(parser)
     amount = parser.add_mutually_exclusive_group()
     amount.add_argument(
         "--seconds", type=float, default=1.0, help="duration of each measurement (default 1)"
@@ -470,16 +395,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     admin_url = eventsource.database_url(args.url)
-    with throwaway_database(admin_url) as url:
+    with throwaway_database(admin_url, "eventsource_bench_") as url:
         return run(args, url)
 
 
 def run(args: argparse.Namespace, url: sa.URL) -> int:
     eventsource.upgrade(url)
     conninfo = psycopg_conninfo(url)
-    settings = server_settings(conninfo)
+    settings = server_settings(conninfo, SERVER_SETTINGS)
     engine = eventsource.create_engine(url)
     store = EventStore()
     raw_conns: list[psycopg.Connection[Any]] = []

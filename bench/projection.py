@@ -62,17 +62,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import signal
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any, ClassVar
 
 import psycopg
@@ -86,8 +83,18 @@ from eventsource import EventStore, PersistedEvent, Processor, ProcessorConfig, 
 from eventsource.partition import fnv1a_32
 from eventsource.store import EVENT_COLUMNS
 
-URL_ENV = "EVENTSOURCE_BENCH_PG_URL"
-DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+# isort: split
+# bench/ is this script's directory, so first on sys.path: the benchmarks' shared helpers.
+from _common import (
+    EVENT_WRITE_COLUMNS,
+    add_url_argument,
+    exit_on_sigterm,
+    fmt_rate,
+    print_table,
+    psycopg_conninfo,
+    server_settings,
+    throwaway_database,
+)
 
 BOUNDED_CONTEXT = "bench"
 RARE = "Rare"
@@ -99,6 +106,16 @@ RAW_CHECKPOINTS = "bench_raw_checkpoints"
 TARGET_STORE_VS_RAW = 0.7
 BATCH_SIZES = (100, 1000)
 SCOPED_BATCH_SIZE = 100
+
+#: The server settings printed in the report's header.
+SERVER_SETTINGS = (
+    "server_version",
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "wal_sync_method",
+    "shared_buffers",
+)
 
 # The variants measured at every batch size, as labelled in the report.
 STORE = "store, per-event handler"
@@ -304,59 +321,6 @@ class RawLoop:
         return handled
 
 
-# -- the database ---------------------------------------------------------------------------
-
-
-def psycopg_conninfo(url: sa.URL) -> str:
-    """A libpq connection string for a SQLAlchemy URL."""
-    parts: dict[str, Any] = {
-        "host": url.host,
-        "port": url.port,
-        "user": url.username,
-        "password": url.password,
-        "dbname": url.database,
-    }
-    for key, value in url.query.items():
-        parts[key] = value if isinstance(value, str) else value[-1]
-    return psycopg.conninfo.make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
-
-
-@contextmanager
-def throwaway_database(admin_url: sa.URL) -> Iterator[sa.URL]:
-    """Create a database with a random name, yield its URL, always drop it."""
-    name = f"eventsource_bench_proj_{secrets.token_hex(4)}"
-    admin = psycopg_conninfo(admin_url)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield admin_url.set(database=name)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            try:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-            except psycopg.errors.SyntaxError:  # PostgreSQL < 13
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        print(f"dropped database {name}", file=sys.stderr)
-
-
-def server_settings(conninfo: str) -> dict[str, str]:
-    names = [
-        "server_version",
-        "fsync",
-        "synchronous_commit",
-        "full_page_writes",
-        "wal_sync_method",
-        "shared_buffers",
-    ]
-    with psycopg.connect(conninfo) as conn:
-        rows = conn.execute(
-            "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)", (names,)
-        ).fetchall()
-    return {str(name): str(value) for name, value in rows}
-
-
 @dataclass(frozen=True)
 class Seeded:
     events: int
@@ -382,25 +346,7 @@ def seed(conninfo: str, events: int, aggregates: int, per_transaction: int = 20_
     hashes = [fnv1a_32(aggregate_id) for _, aggregate_id in kinds]
     event_type = {RARE: "RareThingHappened", "User": "UserRenamed", "Order": "OrderLinePriced"}
     metadata = json.dumps({"source": "bench", "user": "seed"})
-    columns = sql.SQL(", ").join(
-        sql.Identifier(name)
-        for name in (
-            "bounded_context",
-            "aggregate_type",
-            "aggregate_id",
-            "aggregate_version",
-            "partition_hash",
-            "event_id",
-            "event_type",
-            "event_version",
-            "payload",
-            "metadata",
-            "causation_id",
-            "correlation_id",
-            "trace_id",
-            "created_at",
-        )
-    )
+    columns = sql.SQL(", ").join(sql.Identifier(name) for name in EVENT_WRITE_COLUMNS)
     copy_events = sql.SQL("COPY events ({}) FROM STDIN").format(columns)
     rare = 0
     with psycopg.connect(conninfo) as conn:
@@ -605,30 +551,7 @@ def rare_aggregates(seeded: Seeded) -> int:
     return sum(1 for a in range(present) if a % RARE_EVERY == 0)
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally that drops the database
-
-
 # -- reporting ----------------------------------------------------------------------------------
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], aligns: str) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        out = []
-        for cell, width, align in zip(cells, widths, aligns, strict=True):
-            out.append(cell.ljust(width) if align == "<" else cell.rjust(width))
-        return "  ".join(out).rstrip()
-
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-
-
-def fmt_rate(value: float) -> str:
-    return f"{value:,.0f}"
 
 
 def fmt_range(values: Sequence[float], digits: int = 2) -> str:
@@ -640,12 +563,7 @@ def fmt_range(values: Sequence[float], digits: int = 2) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument(
-        "--url",
-        default=os.environ.get(URL_ENV, DEFAULT_ADMIN_URL),
-        help=f"admin URL of the PostgreSQL server (env {URL_ENV}; default {DEFAULT_ADMIN_URL}); "
-        "a throwaway database is created beside it",
-    )
+    add_url_argument(parser)
     parser.add_argument(
         "--events", type=int, default=100_000, help="events in the store (default 100000)"
     )
@@ -679,18 +597,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     if args.handler == "text":
         use_text_handler()
     admin_url = eventsource.database_url(args.url)
-    with throwaway_database(admin_url) as url:
+    with throwaway_database(admin_url, "eventsource_bench_proj_") as url:
         return run(args, url)
 
 
 def run(args: argparse.Namespace, url: sa.URL) -> int:
     eventsource.upgrade(url)
     conninfo = psycopg_conninfo(url)
-    settings = server_settings(conninfo)
+    settings = server_settings(conninfo, SERVER_SETTINGS)
     engine = sa.create_engine(url)
     try:
         bench_metadata.create_all(engine)
