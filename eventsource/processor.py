@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eventsource import errors, models
 from eventsource.events import PersistedEvent
-from eventsource.partition import HashPartitionStrategy, PartitionStrategy
+from eventsource.partition import HashPartitionStrategy, PartitionStrategy, fnv1a_32
 from eventsource.projection import Projection
 from eventsource.store import EVENT_COLUMNS, EventStore, event_from_row
 
@@ -492,6 +492,18 @@ class _Checkpoint:
         }
 
 
+def _advisory_lock_space(table: str) -> Callable[[str], int]:
+    """Maps a projection name to the first key of its advisory locks (a signed int4).
+
+    Two names that happen to share a hash only take turns needlessly; never wrongly.
+    """
+
+    def space(name: str) -> int:
+        return fnv1a_32(f"eventsource:{table}:{name}") - 2**31
+
+    return space
+
+
 def _xid8(name: str) -> sa.ColumnElement[Any]:
     """A bound integer cast to xid8 (no cast from bigint exists, text does)."""
     return sa.cast(sa.cast(sa.bindparam(name, type_=sa.BigInteger), sa.Text), models._PGXid8())
@@ -590,15 +602,27 @@ class _Queries:
         if self._is_pg:
             snapshot = sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot())
             columns.append(sa.cast(snapshot, sa.Text))
-            # Taken before this statement locks the row (which assigns an id): set only
-            # when the caller's transaction had already written, e.g. appended events.
+            # Set only when the caller's transaction had already written (tests, rebuilds).
             columns.append(sa.cast(sa.func.pg_current_xact_id_if_assigned(), sa.Text))
         self._read_checkpoint = sa.select(*columns).where(key)
-        # Two processes on the same projection partition queue here instead of both
-        # advancing it. (SQLite: BEGIN IMMEDIATE already serialises the batch.)
-        self._lock_checkpoint = (
-            self._read_checkpoint.with_for_update() if self._is_pg else self._read_checkpoint
+        # Two processes on the same projection partition queue on this lock instead of
+        # both advancing it (SQLite: BEGIN IMMEDIATE already serialises the batch). An
+        # advisory lock, not SELECT ... FOR UPDATE: a row lock gives the transaction an
+        # id, so every idle poll would be a write transaction (WAL, fsync at commit) and
+        # every batch would hold the reading horizon of all projections from its start.
+        # Its own statement: the checkpoint must be read by a snapshot taken after the
+        # lock is granted, or it could miss the previous holder's update.
+        self._lock = (
+            sa.select(
+                sa.func.pg_advisory_xact_lock(
+                    sa.bindparam("lock_space", type_=sa.Integer),
+                    sa.bindparam("key", type_=sa.Integer),
+                )
+            )
+            if self._is_pg
+            else None
         )
+        self._lock_space = _advisory_lock_space(tables.names.projection_checkpoints)
         insert = postgresql.insert(ck) if self._is_pg else sqlite.insert(ck)
         self._create_checkpoint = insert.values(
             projection_name=sa.bindparam("name"),
@@ -621,14 +645,15 @@ class _Queries:
         self, session: Session, name: str, config: ProcessorConfig, *, lock: bool = True
     ) -> _Checkpoint:
         params = {"name": name, "key": config.partition_key}
-        statement = self._lock_checkpoint if lock else self._read_checkpoint
-        row = session.execute(statement, params).first()
+        if lock and self._lock is not None:
+            session.execute(self._lock, {"lock_space": self._lock_space(name), **params})
+        row = session.execute(self._read_checkpoint, params).first()
         if row is None:
             session.execute(
                 self._create_checkpoint,
                 {**params, "total": config.total_partitions, "now": datetime.now(UTC)},
             )
-            row = session.execute(statement, params).one()
+            row = session.execute(self._read_checkpoint, params).one()
         if row[0] != config.total_partitions:
             raise errors.PartitionCountChangedError(
                 f"projection {name!r} partition {config.partition_key} was checkpointed with "

@@ -372,3 +372,51 @@ def test_session_in_handle_is_the_batch_transaction(
 
     processor(engine, store, batch_size=10).run_until_caught_up(Reads())
     assert seen == [1, 2, 3]
+
+
+@pytest.mark.postgres
+def test_an_open_batch_that_has_not_written_holds_no_other_projection_back(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """The checkpoint lock gives the batch no transaction id (an advisory lock, not a row
+    lock), so a slow handler that has not written yet (e.g. an outbox publisher waiting
+    on a broker) does not hold back the reading horizon of other projections."""
+
+    class Publisher(es.Projection):
+        name = "publisher"
+
+        def __init__(self) -> None:
+            self.inside = threading.Event()
+            self.release = threading.Event()
+
+        def handle(self, event: es.PersistedEvent, session: Session) -> None:
+            self.inside.set()
+            assert self.release.wait(30)
+
+    class Fast(es.Projection):
+        name = "fast"
+
+        def __init__(self) -> None:
+            self.positions: list[int] = []
+
+        def handle(self, event: es.PersistedEvent, session: Session) -> None:
+            self.positions.append(event.global_position)
+
+    first = append_spread(pg_engine, store, 1)
+    publisher = Publisher()
+    publishing = es.Processor(pg_engine, store, es.ProcessorConfig(batch_size=1))
+    publisher.release.set()
+    publishing.process_batch(publisher)  # its checkpoint row exists from now on
+    publisher.release.clear()
+    second = append_spread(pg_engine, store, 1, prefix="second")
+    slow = Background(lambda: publishing.process_batch(publisher)).start()
+    try:
+        assert publisher.inside.wait(30)
+        third = append_spread(pg_engine, store, 1, prefix="third")  # committed meanwhile
+        fast = Fast()
+        es.Processor(pg_engine, store).run_until_caught_up(fast)  # returns: nothing held
+        assert fast.positions == [e.global_position for e in first + second + third]
+    finally:
+        publisher.release.set()
+        slow.join(30)
+    assert slow.error is None
