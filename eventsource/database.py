@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import sqlalchemy as sa
 
@@ -30,6 +30,12 @@ VERSION_TABLE = "eventsource_alembic_version"
 #: ``config.attributes`` key through which callers pass :class:`~eventsource.models.TableNames`.
 TABLE_NAMES_ATTRIBUTE = "eventsource.table_names"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: The ``PRAGMA synchronous`` levels :func:`create_engine` accepts for SQLite files.
+SqliteSynchronous = Literal["FULL", "NORMAL"]
+#: FULL: with WAL, every commit syncs the log, so an acknowledged append survives a
+#: power loss or an OS crash. NORMAL skips that sync (faster) and may lose the last
+#: commits on such a crash (never on an application crash): an explicit opt-in.
+SQLITE_SYNCHRONOUS_DEFAULT: SqliteSynchronous = "FULL"
 #: Connection execution option: this connection only reads (SQLite: deferred BEGIN).
 READ_ONLY_OPTION = "eventsource_read_only"
 
@@ -54,7 +60,12 @@ def database_url(url: str | sa.URL | None = None) -> sa.URL:
     return parsed
 
 
-def create_engine(url: str | sa.URL | None = None, **kwargs: Any) -> sa.Engine:
+def create_engine(
+    url: str | sa.URL | None = None,
+    *,
+    sqlite_synchronous: SqliteSynchronous = SQLITE_SYNCHRONOUS_DEFAULT,
+    **kwargs: Any,
+) -> sa.Engine:
     """An Engine set up the way the store and processors need it.
 
     On SQLite this applies SQLAlchemy's pysqlite recipe: the driver's own transaction
@@ -63,15 +74,34 @@ def create_engine(url: str | sa.URL | None = None, **kwargs: Any) -> sa.Engine:
     locked" when a read lock is upgraded, and savepoints work. A connection with the
     execution option ``eventsource_read_only=True`` starts a deferred transaction
     instead, which WAL mode lets run beside the writer (``status()`` uses it).
+
+    A SQLite file runs in WAL mode with ``PRAGMA synchronous = FULL`` unless
+    ``sqlite_synchronous="NORMAL"`` asks otherwise: NORMAL commits faster but a power
+    loss or OS crash can roll back commits that were already acknowledged (see the
+    README). Like SQLAlchemy's ``sqlite_*`` options, ``sqlite_synchronous`` is ignored
+    on other databases, so one call serves both; its value is checked on all of them.
+    Other keyword arguments go to :func:`sqlalchemy.create_engine`.
     """
+    if sqlite_synchronous not in get_args(SqliteSynchronous):
+        raise errors.ConfigurationError(
+            f"sqlite_synchronous must be one of "
+            f"{', '.join(repr(level) for level in get_args(SqliteSynchronous))}, "
+            f"got {sqlite_synchronous!r}"
+        )
     resolved = database_url(url)
     engine = sa.create_engine(resolved, **kwargs)
     if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine, in_memory=resolved.database in (None, "", ":memory:"))
+        _configure_sqlite(
+            engine,
+            in_memory=resolved.database in (None, "", ":memory:"),
+            synchronous=sqlite_synchronous,
+        )
     return engine
 
 
-def _configure_sqlite(engine: sa.Engine, *, in_memory: bool) -> None:
+def _configure_sqlite(
+    engine: sa.Engine, *, in_memory: bool, synchronous: SqliteSynchronous
+) -> None:
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
@@ -80,7 +110,7 @@ def _configure_sqlite(engine: sa.Engine, *, in_memory: bool) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             if not in_memory:
                 cursor.execute("PRAGMA journal_mode = WAL")
-                cursor.execute("PRAGMA synchronous = NORMAL")
+                cursor.execute(f"PRAGMA synchronous = {synchronous}")
         finally:
             cursor.close()
 

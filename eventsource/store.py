@@ -491,6 +491,7 @@ def _validate(events: Sequence[Event]) -> _Batch:
     key = (first.bounded_context, first.aggregate_type, first.aggregate_id)
     for name, value in zip(("bounded_context", "aggregate_type", "aggregate_id"), key, strict=True):
         _require_text(f"events[0].{name}", value)
+        _require_max_bytes(f"events[0].{name}", value, _KEY_MAX_BYTES[name])
     now = datetime.now(UTC)
     seen: set[uuid.UUID] = set()
     batch = _Batch(
@@ -565,6 +566,51 @@ def _validate(events: Sequence[Event]) -> _Batch:
 
 _MAX_INT32 = 2**31 - 1
 
+# Longest accepted keys, in UTF-8 bytes (what the database stores, not characters).
+# Together they form one row of a PostgreSQL btree index twice: the unique
+# (bounded_context, aggregate_type, aggregate_id, aggregate_version) index of events and
+# the (bounded_context, aggregate_type, aggregate_id) key of aggregate_heads. A btree
+# row holds at most 2,704 bytes with the default 8 kB pages, and PostgreSQL raises
+# ProgramLimitExceeded beyond that (compressible text may squeeze under it, random ids
+# do not). 255 + 255 + 2,000 bytes plus the version and per-row overhead (under 50
+# bytes) leave some 150 bytes spare. SQLite, which indexes any length, is held to the
+# same limits, so an application never meets them for the first time in production.
+
+#: Longest ``aggregate_id`` accepted by :meth:`EventStore.append`, in UTF-8 bytes.
+MAX_AGGREGATE_ID_BYTES = 2000
+#: Longest ``bounded_context`` accepted by :meth:`EventStore.append`, in UTF-8 bytes.
+MAX_BOUNDED_CONTEXT_BYTES = 255
+#: Longest ``aggregate_type`` accepted by :meth:`EventStore.append`, in UTF-8 bytes.
+MAX_AGGREGATE_TYPE_BYTES = 255
+
+_KEY_MAX_BYTES = {
+    "bounded_context": MAX_BOUNDED_CONTEXT_BYTES,
+    "aggregate_type": MAX_AGGREGATE_TYPE_BYTES,
+    "aggregate_id": MAX_AGGREGATE_ID_BYTES,
+}
+
+#: Deepest nesting of arrays and objects accepted in a payload or in metadata
+#: (``{"a": [1]}`` is 2 deep, a scalar 0). Python's json encoder and decoder recurse
+#: once per level against the interpreter's recursion limit (1,000 frames by default,
+#: shared with the caller's own frames), on append and again on every read (psycopg
+#: and SQLAlchemy decode JSON with ``json.loads``), so without a limit a value could
+#: be stored that some readers cannot decode. 100 is far beyond real payloads and
+#: leaves any reader some 900 frames.
+MAX_JSON_DEPTH = 100
+
+
+def _require_max_bytes(what: str, value: str, limit: int) -> None:
+    """Refuse text longer than ``limit`` bytes in UTF-8 (checked after ``_require_text``)."""
+    if len(value) <= limit // 4:  # no character takes more than 4 bytes
+        return
+    size = len(value) if value.isascii() else len(value.encode("utf-8"))
+    if size > limit:
+        raise errors.ValidationError(
+            f"{what} is {size:,} bytes in UTF-8 ({value[:32]!r}...); at most {limit:,} "
+            "bytes are allowed, because PostgreSQL cannot index longer keys "
+            "(use a shorter id, such as a UUID or a hash of the long one)"
+        )
+
 
 def _require_text(what: str, value: object) -> None:
     if not isinstance(value, str) or not value.strip():
@@ -595,13 +641,45 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=
 def _to_json(what: str, value: object) -> str:
     try:
         text = _encode(value)
+    except RecursionError as exc:
+        # Deeper than the interpreter's recursion limit allows here: far beyond the limit.
+        raise errors.ValidationError(
+            f"{what} is nested too deeply to encode (past Python's recursion limit); at "
+            f"most {MAX_JSON_DEPTH} levels of arrays and objects are allowed"
+        ) from exc
     except (TypeError, ValueError) as exc:
         raise errors.ValidationError(f"{what} is not JSON-serialisable: {exc}") from exc
+    # Cheap bound first: nesting needs at least as many brackets as levels.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+        depth = _json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise errors.ValidationError(
+                f"{what} is nested {depth} levels deep; at most {MAX_JSON_DEPTH} levels of "
+                "arrays and objects are allowed"
+            )
     # PostgreSQL's jsonb cannot hold U+0000; refuse it on every database alike.
     if "\\u0000" in text and _JSON_NUL.search(text):
         raise errors.ValidationError(f"{what} contains a NUL character (\\u0000)")
     _require_utf8(what, text)
     return text
+
+
+#: A JSON string as the encoder writes it (quotes and backslashes escaped).
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+#: Everything in JSON text (strings removed) but brackets.
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON text from ``_encode``."""
+    depth = deepest = 0
+    for char in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 def _checked_expectation(expected: ExpectedVersion) -> ExpectedVersion:
