@@ -15,6 +15,7 @@ from eventsource.errors import (
     PartitionCountChangedError,
     ProjectionError,
     SchemaMissingError,
+    TransactionIdsAheadError,
     ValidationError,
 )
 from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
@@ -48,6 +49,7 @@ __all__ = [
     "SchemaMissingError",
     "Stream",
     "TableNames",
+    "TransactionIdsAheadError",
     "ValidationError",
     "create_engine",
     "database_url",

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from eventsource import database, errors
+from eventsource import cluster, database, errors
 from eventsource.processor import Processor, ProcessorConfig
 from eventsource.projection import Projection
 from eventsource.rebuild import RebuildProgress, rebuild, reset
@@ -119,7 +119,8 @@ def main(click_ctx: click.Context, database_url: str | None, verbose: int) -> No
 
 @main.group()
 def db() -> None:
-    """Apply or inspect the library's schema migrations (no alembic.ini needed)."""
+    """Apply or inspect the library's schema migrations (no alembic.ini needed), and
+    rebase stored transaction ids after a restore into another PostgreSQL cluster."""
 
 
 @db.command("upgrade")
@@ -170,6 +171,26 @@ def db_downgrade(ctx: Context, revision: str, yes: bool) -> None:
     with _database_errors(ctx):
         database.downgrade(engine, revision)
     click.echo(f"{ctx.describe()}: at revision {database.current_revision(engine) or 'none'}")
+
+
+@db.command("rebase")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def db_rebase(ctx: Context, yes: bool) -> None:
+    """Rewrite transaction ids another PostgreSQL cluster stored (after a restore or move).
+
+    Needed when stored ids are ahead of this server's, which appends, projections and
+    `status` then refuse. Every projection keeps its place. Stop the projections
+    first; runs in one transaction; does nothing when no id is ahead.
+    """
+    _confirm(yes, f"Rebase the transaction ids stored in {ctx.describe()}?")
+    engine = ctx.engine()
+    store = EventStore()
+    with _database_errors(ctx):
+        with engine.connect() as connection:
+            require_schema(connection, store)
+        result = cluster.rebase(engine, store=store)
+    click.echo(f"{ctx.describe()}: {result.summary()}")
 
 
 # -- status -----------------------------------------------------------------------

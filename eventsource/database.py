@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 DATABASE_URL_ENV = "DATABASE_URL"
 DEFAULT_URL = "sqlite:///eventsource.db"
 #: The library's own Alembic version table, so it never collides with an application's.
-VERSION_TABLE = "eventsource_alembic_version"
+VERSION_TABLE = models.VERSION_TABLE
 #: ``config.attributes`` key through which callers pass :class:`~eventsource.models.TableNames`.
 TABLE_NAMES_ATTRIBUTE = "eventsource.table_names"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -133,7 +133,8 @@ def alembic_config(
 
     config = Config()
     config.set_main_option("script_location", str(migrations_path()))
-    config.set_main_option("version_table", version_table(table_names))
+    # Alembic's Config is a ConfigParser: a "%" in a table name must be escaped.
+    config.set_main_option("version_table", version_table(table_names).replace("%", "%%"))
     if connection is None:
         rendered = database_url(url).render_as_string(hide_password=False)
         config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))

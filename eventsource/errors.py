@@ -9,6 +9,7 @@
     ├── ConfigurationError (also ValueError)   a projection or processor is set up wrongly
     │   └── PartitionCountChangedError         checkpoints were written with another total
     ├── SchemaMissingError                     the database has not been migrated
+    ├── TransactionIdsAheadError               restored from another cluster: db rebase
     └── ProjectionError                        a projection's handler raised (see __cause__)
 """
 
@@ -62,6 +63,16 @@ class PartitionCountChangedError(ConfigurationError):
 
 class SchemaMissingError(EventSourceError):
     """The eventsource tables are missing: run ``eventsource db upgrade`` (or Alembic)."""
+
+
+class TransactionIdsAheadError(EventSourceError):
+    """Stored PostgreSQL transaction ids are ahead of the server's (DESIGN invariant 7).
+
+    The database was restored or moved from another cluster: appends to existing
+    aggregates and projections cannot proceed until ``eventsource db rebase``
+    (:func:`eventsource.cluster.rebase`) rewrites them. Not an
+    OptimisticConcurrencyError on purpose: retrying can never succeed.
+    """
 
 
 class ProjectionError(EventSourceError):

@@ -25,4 +25,5 @@ def table_names() -> models.TableNames:
         projection_checkpoints=x.get(
             "projection_checkpoints_table", defaults.projection_checkpoints
         ),
+        cluster=x.get("cluster_table", ""),  # empty: derived from the events table's name
     )

@@ -1,9 +1,10 @@
-"""The three tables, as SQLAlchemy models, on PostgreSQL and SQLite.
+"""The library's tables, as SQLAlchemy models, on PostgreSQL and SQLite.
 
-Table names are configurable (:class:`TableNames`); :func:`define_tables` builds Core
-tables for any names, and the declarative models below map the default ones. The
-Alembic migrations in ``eventsource/migrations`` create the same schema; a test
-proves the two agree.
+Events, aggregate heads and projection checkpoints, plus a one-row record of the
+PostgreSQL cluster that wrote them (see :mod:`eventsource.cluster`). Table names are
+configurable (:class:`TableNames`); :func:`define_tables` builds Core tables for any
+names, and the declarative models below map the default ones. The Alembic migrations
+in ``eventsource/migrations`` create the same schema; a test proves the two agree.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, UserDefinedType
+
+from eventsource import errors
 
 NAMING_CONVENTION: dict[str, str] = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -107,13 +110,78 @@ JsonValue = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 BigIntPk = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
+#: The library's own Alembic version table; other sets of table names append
+#: ``_<events>`` to it (see :func:`eventsource.database.version_table`).
+VERSION_TABLE = "eventsource_alembic_version"
+#: PostgreSQL keeps the first 63 bytes of a longer identifier (NAMEDATALEN - 1) and
+#: only says so in a NOTICE: two derived names could then silently become one.
+MAX_IDENTIFIER_BYTES = 63
+
+
 @dataclass(frozen=True, slots=True)
 class TableNames:
-    """Names of the library's tables; change them to share a schema with other tables."""
+    """Names of the library's tables; change them to share a schema with other tables.
+
+    ``cluster`` defaults to ``<events>_cluster``, so two sets of names in one database
+    never share it. Names are checked here, before any SQL: each must be a non-empty
+    str, and every identifier derived from them (constraints, indexes, the version
+    table) must fit PostgreSQL's 63 bytes, which it would otherwise truncate.
+    """
 
     events: str = "events"
     aggregate_heads: str = "aggregate_heads"
     projection_checkpoints: str = "projection_checkpoints"
+    cluster: str = ""
+    """The one-row record of the PostgreSQL cluster that wrote the store."""
+
+    def __post_init__(self) -> None:
+        fields = ("events", "aggregate_heads", "projection_checkpoints", "cluster")
+        for field in fields:
+            value = getattr(self, field)
+            if field == "cluster" and value == "":
+                continue  # derived below
+            if not isinstance(value, str) or not value.strip() or "\x00" in value:
+                raise errors.ConfigurationError(
+                    f"TableNames.{field} must be a non-empty str without NUL characters, "
+                    f"got {value!r}"
+                )
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise errors.ConfigurationError(
+                    f"TableNames.{field} is not valid Unicode text: {exc}"
+                ) from exc
+        if not self.cluster:
+            object.__setattr__(self, "cluster", f"{self.events}_cluster")
+        names = [getattr(self, field) for field in fields]
+        if len(set(names)) < len(names):
+            raise errors.ConfigurationError(f"TableNames must name four different tables: {self}")
+        for field, identifier in self.identifiers():
+            size = len(identifier.encode("utf-8"))
+            if size > MAX_IDENTIFIER_BYTES:
+                raise errors.ConfigurationError(
+                    f"TableNames.{field} {getattr(self, field)!r} is too long: it makes the "
+                    f"identifier {identifier!r} ({size} bytes), over PostgreSQL's limit of "
+                    f"{MAX_IDENTIFIER_BYTES} bytes per identifier; choose a shorter name"
+                )
+
+    def identifiers(self) -> list[tuple[str, str]]:
+        """Every database identifier made from these names, with the field it comes from."""
+        events = self.events
+        return [
+            ("events", events),
+            ("events", f"pk_{events}"),
+            ("events", f"uq_{events}_event_id"),
+            ("events", f"uq_{events}_stream_version"),
+            ("events", f"ix_{events}_read_order"),
+            ("events", f"{VERSION_TABLE}_{events}"),
+            ("aggregate_heads", self.aggregate_heads),
+            ("aggregate_heads", f"pk_{self.aggregate_heads}"),
+            ("projection_checkpoints", self.projection_checkpoints),
+            ("projection_checkpoints", f"pk_{self.projection_checkpoints}"),
+            ("cluster", self.cluster),
+            ("cluster", f"pk_{self.cluster}"),
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +193,11 @@ class Tables:
     events: sa.Table
     aggregate_heads: sa.Table
     projection_checkpoints: sa.Table
+    cluster: sa.Table
 
 
 def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
-    """Add the three tables to ``metadata`` under ``names``."""
+    """Add the library's tables to ``metadata`` under ``names``."""
     events = sa.Table(
         names.events,
         metadata,
@@ -190,7 +259,16 @@ def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
         sa.Column("events_handled", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("updated_at", UtcDateTime, nullable=False),
     )
-    return Tables(names, metadata, events, heads, checkpoints)
+    # One row (id 1): the system identifier of the PostgreSQL cluster whose transaction
+    # ids the other tables hold (see eventsource.cluster). Unused on SQLite.
+    cluster = sa.Table(
+        names.cluster,
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("system_identifier", sa.BigInteger, nullable=False),
+        sa.Column("recorded_at", UtcDateTime, nullable=False),
+    )
+    return Tables(names, metadata, events, heads, checkpoints, cluster)
 
 
 @functools.cache
@@ -260,3 +338,13 @@ class ProjectionCheckpoint(Base):
     global_position: Mapped[int]
     events_handled: Mapped[int]
     updated_at: Mapped[datetime]
+
+
+class ClusterRecord(Base):
+    """Which PostgreSQL cluster wrote the store's transaction ids (one row, id 1)."""
+
+    __table__ = DEFAULT_TABLES.cluster
+
+    id: Mapped[int]
+    system_identifier: Mapped[int]
+    recorded_at: Mapped[datetime]

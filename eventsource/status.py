@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from eventsource import database, errors
+from eventsource import cluster, database, errors
 from eventsource.models import _PGXid8
 from eventsource.projection import Projection
 from eventsource.store import EventStore
@@ -50,7 +50,9 @@ def status(
     """Status of every checkpointed projection partition, plus ``projections`` never run.
 
     On PostgreSQL "after the checkpoint" follows the processor's (transaction id,
-    position) order, so events held back by an open transaction count as lag.
+    position) order, so events held back by an open transaction count as lag. Stored
+    ids ahead of the server's (a restore from another cluster) would show as no lag
+    while nothing moves, so they raise :class:`~eventsource.errors.TransactionIdsAheadError`.
     """
     store = store or EventStore()
     now = now or datetime.now(UTC)
@@ -70,6 +72,7 @@ def _status(
     now: datetime,
 ) -> list[ProjectionStatus]:
     require_schema(conn, store)
+    cluster.check(conn, store.tables, record=False)
     ev = store.tables.events
     ck = store.tables.projection_checkpoints
     head = int(conn.execute(sa.select(sa.func.max(ev.c.global_position))).scalar() or 0)

@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from eventsource import errors, models, partition
+from eventsource import cluster, errors, models, partition
 from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
 
 SessionOrConnection = Session | sa.Connection
@@ -238,12 +238,21 @@ class EventStore:
 
     def _conflict(
         self, conn: sa.Connection, batch: _Batch, expected: ExpectedVersion
-    ) -> errors.OptimisticConcurrencyError:
+    ) -> errors.EventSourceError:
         row = conn.execute(
             self._pg.head_state,
             {"bc": batch.bounded_context, "at": batch.aggregate_type, "aid": batch.aggregate_id},
         ).first()
         actual = 0 if row is None else int(row.version)
+        if row is not None and row.ahead and row.newer_writer and _satisfies(expected, actual):
+            # Written by another cluster's transaction (a restore): retrying never helps.
+            return errors.TransactionIdsAheadError(
+                cluster.ahead_message(
+                    f"{_describe(batch)}: the transaction id of this aggregate's last writer "
+                    f"({row.head_transaction_id}) and likely others",
+                    int(row.next_transaction_id),
+                )
+            )
         if row is not None and row.newer_writer and _satisfies(expected, actual):
             return errors.OptimisticConcurrencyError(
                 f"{_describe(batch)}: a newer transaction appended to this aggregate "
@@ -415,7 +424,10 @@ class _PostgresStatements:
             for single in (True, False)
         }
         self.head_state = sa.text(
-            f"""SELECT version, transaction_id > pg_current_xact_id() AS newer_writer
+            f"""SELECT version, transaction_id > pg_current_xact_id() AS newer_writer,
+                    transaction_id >= pg_snapshot_xmax(pg_current_snapshot()) AS ahead,
+                    transaction_id::text AS head_transaction_id,
+                    pg_snapshot_xmax(pg_current_snapshot())::text AS next_transaction_id
                 FROM {heads.replace("%%", "%")}
                 WHERE bounded_context = :bc AND aggregate_type = :at AND aggregate_id = :aid"""
         )
@@ -471,8 +483,9 @@ class _IdentifierQuoter:
         self._preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
 
     def __call__(self, name: str) -> str:
-        # Escaped for the driver's %-style placeholders.
-        return str(self._preparer.quote(name)).replace("%", "%%")
+        # Escaped for the driver's %-style placeholders: this (pyformat) preparer
+        # already doubles "%", so doubling again would name another table.
+        return str(self._preparer.quote(name))
 
 
 # -- validation ------------------------------------------------------------------

@@ -18,10 +18,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.orm import Session
 
 import eventsource as es
-from eventsource import database, models
+from eventsource import cluster, database, models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LIBRARY_TABLES = {"events", "aggregate_heads", "projection_checkpoints"}
+LIBRARY_TABLES = {"events", "aggregate_heads", "projection_checkpoints", "events_cluster"}
+#: The newest revision the library ships.
+HEAD = "es0002"
 VERSION_TABLE = "eventsource_alembic_version"
 CUSTOM_NAMES = models.TableNames(
     events="app_events",
@@ -73,7 +75,7 @@ def schema_diffs(
 
 
 def test_revisions() -> None:
-    assert database.head_revision() == "es0001"
+    assert database.head_revision() == HEAD
 
 
 def test_upgrade_downgrade_round_trip(empty_engine: sa.Engine) -> None:
@@ -82,7 +84,7 @@ def test_upgrade_downgrade_round_trip(empty_engine: sa.Engine) -> None:
 
     es.upgrade(empty_engine)
     assert table_names(empty_engine) == LIBRARY_TABLES | {VERSION_TABLE}
-    assert database.current_revision(empty_engine) == database.head_revision() == "es0001"
+    assert database.current_revision(empty_engine) == database.head_revision() == HEAD
     inspector = sa.inspect(empty_engine)
     indexes = inspector.get_indexes("events")  # PostgreSQL lists unique constraints too
     assert [ix["name"] for ix in indexes if not ix.get("duplicates_constraint")] == [
@@ -99,7 +101,7 @@ def test_upgrade_downgrade_round_trip(empty_engine: sa.Engine) -> None:
 
     es.upgrade(empty_engine)  # and back up: the round trip leaves nothing in the way
     assert table_names(empty_engine) == LIBRARY_TABLES | {VERSION_TABLE}
-    assert database.current_revision(empty_engine) == "es0001"
+    assert database.current_revision(empty_engine) == HEAD
     store = es.EventStore()
     with Session(empty_engine) as session, session.begin():
         store.append(
@@ -128,6 +130,7 @@ def test_models_equal_migrations(empty_engine: sa.Engine) -> None:
         "app_events",
         "app_heads",
         "app_checkpoints",
+        "app_events_cluster",
         VERSION_TABLE,
         custom_version_table,
     }
@@ -136,6 +139,36 @@ def test_models_equal_migrations(empty_engine: sa.Engine) -> None:
     assert schema_diffs(empty_engine, custom, CUSTOM_NAMES) == []
     es.downgrade(empty_engine, table_names=CUSTOM_NAMES)
     assert table_names(empty_engine) <= {VERSION_TABLE, custom_version_table}
+
+
+def test_cluster_record_revision_steps_on_a_store_in_use(empty_engine: sa.Engine) -> None:
+    """es0002 adds (and its downgrade removes) only the cluster record, keeping the events."""
+    es.upgrade(empty_engine, "es0001")
+    assert table_names(empty_engine) == (LIBRARY_TABLES - {"events_cluster"}) | {VERSION_TABLE}
+    store = es.EventStore()
+
+    def event() -> es.Event:
+        return es.Event(bounded_context="b", aggregate_type="A", aggregate_id="1", event_type="E")
+
+    with Session(empty_engine) as session, session.begin():
+        store.append(session, [event()])
+    with empty_engine.begin() as conn:  # without the record table it checks ids only
+        cluster.check(conn, store.tables)
+    assert not cluster.rebase(empty_engine).rebased
+
+    es.upgrade(empty_engine)
+    assert database.current_revision(empty_engine) == HEAD
+    assert schema_diffs(empty_engine, models.metadata) == []
+    with empty_engine.begin() as conn:
+        cluster.check(conn, store.tables)
+    es.downgrade(empty_engine, "es0001")
+    assert table_names(empty_engine) == (LIBRARY_TABLES - {"events_cluster"}) | {VERSION_TABLE}
+    with Session(empty_engine) as session, session.begin():
+        assert store.stream_version(session, "b", "A", "1") == 1
+    es.upgrade(empty_engine)
+    with Session(empty_engine) as session, session.begin():
+        store.append(session, [event()])
+        assert store.stream_version(session, "b", "A", "1") == 2
 
 
 def run_alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -164,8 +197,13 @@ def test_alembic_command_line(empty_engine: sa.Engine) -> None:
 
     run_alembic(database_url, "upgrade", "head")
     assert table_names(empty_engine) == LIBRARY_TABLES | {VERSION_TABLE}
-    assert database.current_revision(empty_engine) == "es0001"
-    assert run_alembic(database_url, "current").stdout.strip() == "es0001 (head)"
+    assert database.current_revision(empty_engine) == HEAD
+    assert run_alembic(database_url, "current").stdout.strip() == f"{HEAD} (head)"
+
+    run_alembic(database_url, "downgrade", "es0001")  # batch mode on SQLite
+    assert table_names(empty_engine) == (LIBRARY_TABLES - {"events_cluster"}) | {VERSION_TABLE}
+    run_alembic(database_url, "upgrade", "head")
+    assert table_names(empty_engine) == LIBRARY_TABLES | {VERSION_TABLE}
 
     run_alembic(database_url, "downgrade", "base")
     assert table_names(empty_engine) <= {VERSION_TABLE}

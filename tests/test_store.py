@@ -853,6 +853,7 @@ def test_custom_table_names(empty_engine: sa.Engine) -> None:
         "x_events",
         "x_aggregate_heads",
         "x_projection_checkpoints",
+        "x_events_cluster",
         "eventsource_alembic_version_x_events",  # its own revision
     }
     store = es.EventStore(table_names=CUSTOM_NAMES)
