@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from eventsource.database import create_engine, database_url, downgrade, upgrade
 from eventsource.errors import (
+    CheckpointLostError,
     ConfigurationError,
     DuplicateEventError,
     EventSourceError,
     OptimisticConcurrencyError,
     PartitionCountChangedError,
+    ProjectionBusyError,
     ProjectionError,
     SchemaMissingError,
     TransactionIdsAheadError,
@@ -29,6 +31,7 @@ from eventsource.store import EventStore
 __all__ = [
     "AppendResult",
     "BatchResult",
+    "CheckpointLostError",
     "ConfigurationError",
     "DuplicateEventError",
     "Event",
@@ -43,6 +46,7 @@ __all__ = [
     "Processor",
     "ProcessorConfig",
     "Projection",
+    "ProjectionBusyError",
     "ProjectionError",
     "ProjectionRunner",
     "Runner",

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from eventsource import cluster, database, errors
 from eventsource.processor import Processor, ProcessorConfig
 from eventsource.projection import Projection
-from eventsource.rebuild import RebuildProgress, rebuild, reset
+from eventsource.rebuild import DEFAULT_WAIT, RebuildProgress, has_reset, rebuild, reset
 from eventsource.runner import ProjectionRunner, Runner
 from eventsource.status import ProjectionStatus, require_schema, status
 from eventsource.store import EventStore
@@ -371,46 +371,130 @@ def run_command(
 # -- reset / rebuild --------------------------------------------------------------
 
 
+_KEEP_READ_MODEL_HELP = (
+    "Keep the read model as it is: the replay applies every event again on top of it "
+    "(only for idempotent read models, or ones cleared another way)."
+)
+_WAIT_HELP = "Seconds to wait for the workers' batches in hand before giving up."
+
+
 @main.command("reset")
 @click.argument("name")
-@click.option("--app", "app_spec", metavar="MODULE:ATTR", help="Also clear its read model.")
+@click.option("--app", "app_spec", metavar="MODULE:ATTR", help="Clear its read model (reset()).")
+@click.option("--keep-read-model", is_flag=True, help=_KEEP_READ_MODEL_HELP)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_WAIT,
+    show_default=True,
+    help=_WAIT_HELP,
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
-def reset_command(ctx: Context, name: str, app_spec: str | None, yes: bool) -> None:
-    """Delete projection NAME's checkpoints, so it replays from the start next run.
+def reset_command(
+    ctx: Context, name: str, app_spec: str | None, keep_read_model: bool, wait: float, yes: bool
+) -> None:
+    """Delete projection NAME's checkpoints and clear its read model, so it replays
+    from the start (running workers do so at their next batch).
 
-    With --app, its reset() hook also clears the read model in the same transaction.
+    The read model is cleared by the projection's reset() hook, so --app is needed;
+    without it, or without the hook, pass --keep-read-model to reset anyway. Waits
+    for the batches in hand; safe while workers run.
     """
     projection = _find(load_app(app_spec), name) if app_spec else None
+    if not keep_read_model and (projection is None or not has_reset(projection)):
+        why = (
+            f"{type(projection).__qualname__} has no reset() method to clear its read model"
+            if projection is not None
+            else "without --app its read model cannot be cleared"
+        )
+        raise click.UsageError(
+            f"refusing to reset {name!r}: {why}, and the replay would apply every event "
+            "again on top of it. Pass --app MODULE:ATTR with a projection that has "
+            "reset(), or --keep-read-model if replaying onto the read model is safe."
+        )
     engine = ctx.engine()
     with _database_errors(ctx):
         known = {row.projection for row in status(engine)}
         if name not in known and projection is None:
             listed = ", ".join(sorted(known)) or "none"
             raise click.ClickException(f"no checkpoints for projection {name!r} (known: {listed})")
-        _confirm(yes, f"Reset projection {name!r} on {ctx.describe()}?")
-        deleted = reset(engine, name, projection=projection)
-    click.echo(f"reset {name}: deleted {deleted} checkpoint row(s)")
+        kept = (
+            " (keeping its read model)" if projection is None or not has_reset(projection) else ""
+        )
+        _confirm(yes, f"Reset projection {name!r}{kept} on {ctx.describe()}?")
+        deleted = reset(
+            engine, name, projection=projection, keep_read_model=keep_read_model, wait=wait
+        )
+    cleared = "" if kept else " and cleared its read model"
+    click.echo(f"reset {name}: deleted {deleted} checkpoint row(s){cleared}")
 
 
 @main.command("rebuild")
 @click.argument("name")
 @click.option("--app", "app_spec", required=True, metavar="MODULE:ATTR")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--total-partitions",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Write checkpoints for this many partitions [default: the count in use].",
+)
+@click.option("--keep-read-model", is_flag=True, help=_KEEP_READ_MODEL_HELP)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_WAIT,
+    show_default=True,
+    help=_WAIT_HELP,
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
-def rebuild_command(ctx: Context, name: str, app_spec: str, batch_size: int, yes: bool) -> None:
+def rebuild_command(
+    ctx: Context,
+    name: str,
+    app_spec: str,
+    batch_size: int,
+    total_partitions: int | None,
+    keep_read_model: bool,
+    wait: float,
+    yes: bool,
+) -> None:
     """Clear projection NAME's read model (its reset() hook) and replay every event.
 
     Runs in one transaction: if it fails or is interrupted, the read model and
-    checkpoints stay as they were.
+    checkpoints stay as they were. Safe while workers run: they wait, then carry on
+    from the rebuilt checkpoints. With --total-partitions it changes the partition
+    count; workers still running with the old count then stop with an error.
     """
     projection = _find(load_app(app_spec), name)
-    _confirm(yes, f"Rebuild projection {name!r} on {ctx.describe()}?")
+    if not has_reset(projection) and not keep_read_model:
+        warning = (
+            f"{type(projection).__qualname__} has no reset() method: its read model will "
+            "not be cleared, and the replay applies every event again on top of it."
+        )
+        if yes or not sys.stdin.isatty():
+            raise click.UsageError(
+                f"refusing to rebuild {name!r}: {warning} Add reset(), or pass "
+                "--keep-read-model if replaying onto the read model is safe."
+            )
+        click.echo(f"Warning: {warning}", err=True)
+        click.confirm("Rebuild it anyway, keeping the read model?", abort=True)
+        keep_read_model = True
+    else:
+        _confirm(yes, f"Rebuild projection {name!r} on {ctx.describe()}?")
     engine = ctx.engine()
     show = _ProgressPrinter(sys.stderr.isatty())
     with _database_errors(ctx):
-        final = rebuild(engine, projection, batch_size=batch_size, on_progress=show)
+        final = rebuild(
+            engine,
+            projection,
+            batch_size=batch_size,
+            total_partitions=total_partitions,
+            keep_read_model=keep_read_model,
+            wait=wait,
+            on_progress=show,
+        )
     show.finish(final)
     click.echo(
         f"rebuilt {name}: {final.handled} events handled, {final.done} read, "

@@ -10,6 +10,8 @@
     │   └── PartitionCountChangedError         checkpoints were written with another total
     ├── SchemaMissingError                     the database has not been migrated
     ├── TransactionIdsAheadError               restored from another cluster: db rebase
+    ├── ProjectionBusyError                    a reset/rebuild waited too long for batches
+    ├── CheckpointLostError                    a checkpoint row vanished mid-batch; rolled back
     └── ProjectionError                        a projection's handler raised (see __cause__)
 """
 
@@ -72,6 +74,18 @@ class TransactionIdsAheadError(EventSourceError):
     aggregates and projections cannot proceed until ``eventsource db rebase``
     (:func:`eventsource.cluster.rebase`) rewrites them. Not an
     OptimisticConcurrencyError on purpose: retrying can never succeed.
+    """
+
+
+class ProjectionBusyError(EventSourceError):
+    """A reset or rebuild gave up waiting for the batches in hand; nothing was changed."""
+
+
+class CheckpointLostError(EventSourceError):
+    """A batch's checkpoint row was deleted while it ran; the batch was rolled back.
+
+    Only a deletion that bypasses the projection's lock can cause it (by hand, or an
+    old tool): ``eventsource reset`` and ``eventsource.rebuild.reset`` wait for batches.
     """
 
 

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from eventsource import errors, models
+from eventsource import cluster, errors, models
 from eventsource.events import PersistedEvent
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy, fnv1a_32
 from eventsource.projection import Projection
@@ -124,12 +124,22 @@ class Processor:
         metrics: ProcessorMetrics | None = None,
     ) -> None:
         if isinstance(engine, sa.Engine):
-            self._sessions: sessionmaker[Session] = sessionmaker(engine, expire_on_commit=False)
+            self._sessions: sessionmaker[Session] = sessionmaker(
+                read_committed(engine), expire_on_commit=False
+            )
             self.engine: sa.Engine | None = engine
         elif isinstance(engine, sessionmaker):
-            self._sessions = engine
             bind = engine.kw.get("bind")
             self.engine = bind if isinstance(bind, sa.Engine) else None
+            # A sessionmaker on an Engine gets its own READ COMMITTED copy; one bound to a
+            # Connection runs inside the caller's transaction, whose isolation is theirs.
+            self._sessions = (
+                engine
+                if self.engine is None
+                else sessionmaker(
+                    class_=engine.class_, **{**engine.kw, "bind": read_committed(self.engine)}
+                )
+            )
         else:
             raise errors.ConfigurationError(
                 f"Processor needs an Engine or a sessionmaker, got {type(engine).__name__}"
@@ -226,9 +236,20 @@ class Processor:
         return handled
 
     def check_partitions(self, projection: Projection) -> None:
-        """Refuse to start when this projection's checkpoints use another partition count."""
-        table = self.store.tables.projection_checkpoints
-        with self._sessions() as session:
+        """Refuse to start when this projection's checkpoints use another partition count,
+        and create this partition's first checkpoint in the same locked transaction.
+
+        The check and the creation are atomic (DESIGN invariant 6): two processes that
+        start a new projection at the same instant with different ``total_partitions``
+        take turns on the projection's lock, and the second one is refused.
+        """
+        with self._sessions() as session, session.begin():
+            queries = self._queries_for(session, projection)
+            queries.lock_projection(session, projection.name)
+            # Stored transaction ids ahead of the server's (a restore into another
+            # cluster) would make every read come back empty: refuse (invariant 7).
+            cluster.check(session.connection(), self.store.tables)
+            table = self.store.tables.projection_checkpoints
             totals = set(
                 session.execute(
                     sa.select(table.c.total_partitions)
@@ -236,16 +257,19 @@ class Processor:
                     .distinct()
                 ).scalars()
             )
-        other = totals - {self.config.total_partitions}
-        if other:
-            raise errors.PartitionCountChangedError(
-                f"projection {projection.name!r} has checkpoints written with "
-                f"total_partitions={sorted(other)}, but this processor uses "
-                f"total_partitions={self.config.total_partitions}. Changing the count "
-                "would skip or repeat events. Start it with the old count, or rebuild it: "
-                f"delete its checkpoints (eventsource reset {projection.name}), clear its "
-                "read model and replay from the start."
-            )
+            other = totals - {self.config.total_partitions}
+            if other:
+                raise errors.PartitionCountChangedError(
+                    f"projection {projection.name!r} has checkpoints written with "
+                    f"total_partitions={sorted(other)}, but this processor uses "
+                    f"total_partitions={self.config.total_partitions}. Changing the count "
+                    "would skip or repeat events. Start it with the old count, or rebuild it "
+                    f"with the new one (eventsource rebuild {projection.name} --app "
+                    f"MODULE:ATTR --total-partitions {self.config.total_partitions}), or "
+                    f"reset it (eventsource reset {projection.name} --app MODULE:ATTR) and "
+                    "replay from the start."
+                )
+            queries.create_checkpoint(session, projection.name, self.config)
 
     def process_batch(self, projection: Projection) -> BatchResult:
         """Run one batch in one transaction and return what it did."""
@@ -261,19 +285,34 @@ class Processor:
 
     def _process_batch(self, projection: Projection) -> BatchResult:
         started = time.perf_counter()
+        while True:
+            try:
+                return self._batch(projection, started)
+            except _NoCheckpoint:
+                # First batch, or a reset since the last one: create the checkpoint
+                # under the projection's exclusive lock, with the partition check.
+                self.check_partitions(projection)
+
+    def _batch(self, projection: Projection, started: float) -> BatchResult:
         config = self.config
         with self._sessions() as session, session.begin():
             queries = self._queries_for(session, projection)
             checkpoint = queries.lock_checkpoint(session, projection.name, config)
-            rows = session.execute(queries.batch, checkpoint.params(config.batch_size)).all()
+            if checkpoint is None:
+                raise _NoCheckpoint
+            own = checkpoint.reads_own_rows
+            batch = queries.batch_with_own if own else queries.batch
+            rows = session.execute(batch, checkpoint.params(config.batch_size)).all()
             full = len(rows) >= config.batch_size
-            horizon = None
+            horizon: Any = None
             if not full and queries.horizon is not None:
                 # Filtered-out events still move the checkpoint, so a projection that wants
                 # 1% of the log does not rescan the other 99% on every poll. Read before the
                 # handlers run: rows they append carry this transaction's id, and moving
                 # the checkpoint onto it would pass transactions that commit later.
-                horizon = session.execute(queries.horizon, checkpoint.params(1)).first()
+                query = queries.horizon_with_own if own else queries.horizon
+                assert query is not None  # both exist when the projection is scoped
+                horizon = session.execute(query, checkpoint.params(1)).first()
             handled = skipped = 0
             filter_in_python = queries.python_partition_filter
             tx, pos = checkpoint.transaction_id, checkpoint.global_position
@@ -310,7 +349,7 @@ class Processor:
                 tx, pos = int(horizon[0]), int(horizon[1])
             moved = (tx, pos) != (checkpoint.transaction_id, checkpoint.global_position)
             if moved:
-                session.execute(
+                updated = session.execute(
                     queries.update_checkpoint,
                     {
                         "name": projection.name,
@@ -321,6 +360,16 @@ class Processor:
                         "now": datetime.now(UTC),
                     },
                 )
+                if updated.rowcount != 1:  # type: ignore[attr-defined]
+                    # Deleted behind the lock (by hand, or by a tool that does not take
+                    # it): committing would move no checkpoint but keep the handlers'
+                    # writes, and the next batch would apply the same events again.
+                    raise errors.CheckpointLostError(
+                        f"the checkpoint of projection {projection.name!r} partition "
+                        f"{config.partition_key} was deleted while a batch ran; the batch was "
+                        "rolled back. Reset projections with `eventsource reset` or "
+                        "eventsource.rebuild.reset(), which wait for batches in hand."
+                    )
         result = BatchResult(
             handled, skipped, len(rows), tx, pos, time.perf_counter() - started, full
         )
@@ -376,6 +425,8 @@ class Processor:
             if queries.blocked is None:
                 return False
             checkpoint = queries.lock_checkpoint(session, projection.name, self.config, lock=False)
+            if checkpoint is None:  # reset meanwhile: everything is ahead of it
+                return True
             params = checkpoint.params(1)
             params["target"] = target
             return bool(session.execute(queries.blocked, params).scalar())
@@ -464,6 +515,10 @@ class Processor:
         )
 
 
+class _NoCheckpoint(Exception):
+    """The partition has no checkpoint row yet: roll back and create it first."""
+
+
 def _check_projection(projection: object) -> None:
     if not isinstance(projection, Projection):
         raise errors.ConfigurationError(
@@ -483,13 +538,28 @@ class _Checkpoint:
     def own_transaction_or_0(self) -> int:
         return self.own_transaction or 0
 
+    @property
+    def reads_own_rows(self) -> bool:
+        """The transaction has written and is not below the horizon: its own rows need a
+        second range (only inside a caller's transaction: tests, rebuilds)."""
+        return (
+            self.own_transaction is not None
+            and self.xmin is not None
+            and self.own_transaction >= self.xmin
+        )
+
     def params(self, limit: int) -> dict[str, Any]:
         return {
             "ck_tx": self.transaction_id,
             "ck_pos": self.global_position,
             "xmin": self.xmin,
+            "own": self.own_transaction,
             "limit": limit,
         }
+
+
+#: Second key of a projection's own advisory lock; partition keys are >= 0.
+_PROJECTION_LOCK_KEY = -1
 
 
 def _advisory_lock_space(table: str) -> Callable[[str], int]:
@@ -502,6 +572,80 @@ def _advisory_lock_space(table: str) -> Callable[[str], int]:
         return fnv1a_32(f"eventsource:{table}:{name}") - 2**31
 
     return space
+
+
+def read_committed(engine: sa.Engine) -> sa.Engine:
+    """``engine`` with READ COMMITTED transactions on PostgreSQL (unchanged elsewhere).
+
+    Batches, resets and rebuilds take their lock first and then read the checkpoint
+    and the read model. At REPEATABLE READ or SERIALIZABLE the snapshot would be taken
+    by the lock statement itself, before the lock is granted, so a second worker would
+    read the checkpoint as it was before the first one's batch and handle the same
+    events again (DESIGN invariant 6). Whatever the engine or the database defaults
+    to, these transactions therefore run at READ COMMITTED.
+    """
+    if engine.dialect.name != "postgresql":
+        return engine
+    return engine.execution_options(isolation_level="READ COMMITTED")
+
+
+def lock_projection(
+    connection: sa.Connection | Session,
+    name: str,
+    *,
+    store: EventStore | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Take projection ``name``'s exclusive lock for the rest of the transaction.
+
+    Every batch holds the shared side of this lock, so this waits for the batches in
+    hand of every partition to commit or roll back, and new batches wait until the
+    caller's transaction ends: resets and rebuilds never interleave with a batch
+    (DESIGN invariant 6). ``timeout`` (seconds) bounds the wait; past it
+    :class:`~eventsource.errors.ProjectionBusyError` is raised and the transaction
+    must be rolled back. On SQLite, ``BEGIN IMMEDIATE`` already serialises them.
+    """
+    conn = connection.connection() if isinstance(connection, Session) else connection
+    if conn.dialect.name != "postgresql":
+        return
+    tables = (store or EventStore()).tables
+    space = _advisory_lock_space(tables.names.projection_checkpoints)(name)
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise errors.ConfigurationError(f"timeout must be seconds > 0, got {timeout!r}")
+        previous = conn.execute(sa.text("SELECT current_setting('lock_timeout')")).scalar()
+        # lock_timeout 0 means "no limit": never round a short wait down to it.
+        wait_ms = max(1, round(timeout * 1000))
+        conn.execute(sa.text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{wait_ms}ms"})
+    try:
+        conn.execute(_EXCLUSIVE_LOCK, {"lock_space": space})
+    except sa.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
+            raise errors.ProjectionBusyError(
+                f"projection {name!r} still had a batch in hand after {timeout} s: its "
+                "workers hold the projection's lock (a long batch, or a transaction left "
+                "open). Nothing was changed; try again, wait longer, or stop the workers."
+            ) from exc
+        raise
+    if timeout is not None:
+        conn.execute(sa.text("SELECT set_config('lock_timeout', :v, true)"), {"v": previous})
+
+
+_EXCLUSIVE_LOCK = sa.text("SELECT pg_advisory_xact_lock(:lock_space, :key)").bindparams(
+    sa.bindparam("lock_space", type_=sa.Integer),
+    sa.bindparam("key", value=_PROJECTION_LOCK_KEY, type_=sa.Integer),
+)
+# Shared side of the projection's lock first, then the partition's own: always in this
+# order (the subquery with OFFSET 0 is evaluated first and is never flattened), so a
+# reset queued on the projection's lock cannot close a cycle with two batches.
+_BATCH_LOCK = sa.text(
+    "SELECT pg_advisory_xact_lock(:lock_space, :key) FROM "
+    "(SELECT pg_advisory_xact_lock_shared(:lock_space, :projection_key) OFFSET 0) AS projection"
+).bindparams(
+    sa.bindparam("lock_space", type_=sa.Integer),
+    sa.bindparam("key", type_=sa.Integer),
+    sa.bindparam("projection_key", value=_PROJECTION_LOCK_KEY, type_=sa.Integer),
+)
 
 
 def _xid8(name: str) -> sa.ColumnElement[Any]:
@@ -523,6 +667,7 @@ class _Queries:
         ev = tables.events
         ck = tables.projection_checkpoints
         self._checkpoints = ck
+        self._tables = tables
         self._is_pg = dialect == "postgresql"
 
         scope: list[sa.ColumnElement[bool]] = []
@@ -541,37 +686,62 @@ class _Queries:
         if sql_partition is not None:
             scope.append(sql_partition)
 
+        columns = [ev.c[name] for name in EVENT_COLUMNS]
         if self._is_pg:
             after: sa.ColumnElement[bool] = sa.tuple_(
                 ev.c.transaction_id, ev.c.global_position
             ) > sa.tuple_(_xid8("ck_tx"), sa.bindparam("ck_pos"))
-            readable: sa.ColumnElement[bool] | None = sa.or_(
-                ev.c.transaction_id < _xid8("xmin"),
-                ev.c.transaction_id == sa.func.pg_current_xact_id_if_assigned(),
-            )
+            # Two index ranges instead of one range and a filter: with `tx < xmin OR
+            # tx = own`, the scan could not stop at the horizon and every poll behind
+            # an open transaction read all the rows committed after it. Rows below the
+            # horizon, then (inside a caller's transaction that has written) its own
+            # rows, which sort after them since own >= xmin there.
+            readable = ev.c.transaction_id < _xid8("xmin")
+            own = ev.c.transaction_id == _xid8("own")
             order = [ev.c.transaction_id, ev.c.global_position]
-            tx_column: sa.ColumnElement[Any] = ev.c.transaction_id
+            newest = [column.desc() for column in order]
+            self.batch = self._range(columns, ev.c.transaction_id, [after, readable], scope, order)
+            self.batch_with_own: sa.Select[Any] | sa.CompoundSelect[Any] = _union(
+                self._range(columns, ev.c.transaction_id, [after, readable], scope, order),
+                self._range(columns, ev.c.transaction_id, [after, own], scope, order),
+                ascending=True,
+            )
+            self.horizon: sa.Select[Any] | sa.CompoundSelect[Any] | None = None
+            self.horizon_with_own: sa.Select[Any] | sa.CompoundSelect[Any] | None = None
+            if scope:
+                # The newest readable row, found from the horizon downwards. Split at
+                # the checkpoint's transaction: a backward scan does not stop at a row
+                # comparison's second column, so one range would walk every row of a
+                # large transaction (a bulk import) on each idle poll.
+                tx_pos = [ev.c.transaction_id, ev.c.global_position]
+                later = ev.c.transaction_id > _xid8("ck_tx")
+                same = (ev.c.transaction_id == _xid8("ck_tx")) & (
+                    ev.c.global_position > sa.bindparam("ck_pos")
+                )
+                self.horizon = _union(
+                    self._range(tx_pos, None, [later, readable], [], newest, 1),
+                    self._range(tx_pos, None, [same, readable], [], newest, 1),
+                    ascending=False,
+                )
+                self.horizon_with_own = _union(
+                    self._range(tx_pos, None, [later, readable], [], newest, 1),
+                    self._range(tx_pos, None, [same, readable], [], newest, 1),
+                    self._range(tx_pos, None, [after, own], [], newest, 1),
+                    ascending=False,
+                )
         else:
             after = ev.c.global_position > sa.bindparam("ck_pos")
-            readable = None
+            zero = sa.literal(0, sa.BigInteger)
             order = [ev.c.global_position]
-            tx_column = sa.literal(0, sa.BigInteger)
-        base = [after] if readable is None else [after, readable]
+            self.batch = self._range(columns, zero, [after], scope, order)
+            self.batch_with_own = self.batch
+            self.horizon = None
+            if scope:
+                self.horizon = self._range(
+                    [zero, ev.c.global_position], None, [after], [], [order[0].desc()], 1
+                )
+            self.horizon_with_own = self.horizon
 
-        self.batch = (
-            sa.select(*(ev.c[name] for name in EVENT_COLUMNS), tx_column)
-            .where(*base, *scope)
-            .order_by(*order)
-            .limit(sa.bindparam("limit"))
-        )
-        self.horizon = None
-        if scope:
-            self.horizon = (
-                sa.select(tx_column, ev.c.global_position)
-                .where(*base)
-                .order_by(*(column.desc() for column in order))
-                .limit(1)
-            )
         self.blocked = None
         if self._is_pg:
             # Any committed row still after the checkpoint, not only those behind the
@@ -594,34 +764,29 @@ class _Queries:
         key = (ck.c.projection_name == sa.bindparam("name")) & (
             ck.c.partition_key == sa.bindparam("key")
         )
-        columns: list[sa.ColumnElement[Any]] = [
+        checkpoint_columns: list[sa.ColumnElement[Any]] = [
             ck.c.total_partitions,
             ck.c.transaction_id,
             ck.c.global_position,
         ]
         if self._is_pg:
             snapshot = sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot())
-            columns.append(sa.cast(snapshot, sa.Text))
+            checkpoint_columns.append(sa.cast(snapshot, sa.Text))
             # Set only when the caller's transaction had already written (tests, rebuilds).
-            columns.append(sa.cast(sa.func.pg_current_xact_id_if_assigned(), sa.Text))
-        self._read_checkpoint = sa.select(*columns).where(key)
+            checkpoint_columns.append(sa.cast(sa.func.pg_current_xact_id_if_assigned(), sa.Text))
+            # A checkpoint ahead of the server's counter: restored into another cluster
+            # while this worker ran (checked fully at start-up; here for free).
+            next_id = sa.func.pg_snapshot_xmax(sa.func.pg_current_snapshot())
+            checkpoint_columns.append(sa.cast(next_id, sa.Text))
+        self._read_checkpoint = sa.select(*checkpoint_columns).where(key)
         # Two processes on the same projection partition queue on this lock instead of
         # both advancing it (SQLite: BEGIN IMMEDIATE already serialises the batch). An
         # advisory lock, not SELECT ... FOR UPDATE: a row lock gives the transaction an
         # id, so every idle poll would be a write transaction (WAL, fsync at commit) and
         # every batch would hold the reading horizon of all projections from its start.
         # Its own statement: the checkpoint must be read by a snapshot taken after the
-        # lock is granted, or it could miss the previous holder's update.
-        self._lock = (
-            sa.select(
-                sa.func.pg_advisory_xact_lock(
-                    sa.bindparam("lock_space", type_=sa.Integer),
-                    sa.bindparam("key", type_=sa.Integer),
-                )
-            )
-            if self._is_pg
-            else None
-        )
+        # lock is granted, or it could miss the previous holder's update (hence also
+        # READ COMMITTED, see read_committed()).
         self._lock_space = _advisory_lock_space(tables.names.projection_checkpoints)
         insert = postgresql.insert(ck) if self._is_pg else sqlite.insert(ck)
         self._create_checkpoint = insert.values(
@@ -641,19 +806,46 @@ class _Queries:
             )
         )
 
+    @staticmethod
+    def _range(
+        columns: list[Any],
+        extra: sa.ColumnElement[Any] | None,
+        bounds: list[sa.ColumnElement[bool]],
+        scope: list[sa.ColumnElement[bool]],
+        order: list[Any],
+        limit: int | None = None,
+    ) -> sa.Select[Any]:
+        selected = [*columns, extra] if extra is not None else columns
+        query = sa.select(*selected).where(*bounds, *scope).order_by(*order)
+        return query.limit(limit if limit is not None else sa.bindparam("limit"))
+
+    def lock_projection(self, session: Session, name: str) -> None:
+        """The projection's exclusive lock (see :func:`lock_projection`)."""
+        if self._is_pg:
+            session.execute(_EXCLUSIVE_LOCK, {"lock_space": self._lock_space(name)})
+
+    def create_checkpoint(self, session: Session, name: str, config: ProcessorConfig) -> None:
+        session.execute(
+            self._create_checkpoint,
+            {
+                "name": name,
+                "key": config.partition_key,
+                "total": config.total_partitions,
+                "now": datetime.now(UTC),
+            },
+        )
+
     def lock_checkpoint(
         self, session: Session, name: str, config: ProcessorConfig, *, lock: bool = True
-    ) -> _Checkpoint:
+    ) -> _Checkpoint | None:
+        """Lock the partition (shared lock on the projection first) and read its
+        checkpoint; None when it has no checkpoint row."""
         params = {"name": name, "key": config.partition_key}
-        if lock and self._lock is not None:
-            session.execute(self._lock, {"lock_space": self._lock_space(name), **params})
+        if lock and self._is_pg:
+            session.execute(_BATCH_LOCK, {"lock_space": self._lock_space(name), **params})
         row = session.execute(self._read_checkpoint, params).first()
         if row is None:
-            session.execute(
-                self._create_checkpoint,
-                {**params, "total": config.total_partitions, "now": datetime.now(UTC)},
-            )
-            row = session.execute(self._read_checkpoint, params).one()
+            return None
         if row[0] != config.total_partitions:
             raise errors.PartitionCountChangedError(
                 f"projection {name!r} partition {config.partition_key} was checkpointed with "
@@ -662,4 +854,20 @@ class _Queries:
         if not self._is_pg:
             return _Checkpoint(int(row[1]), int(row[2]), None)
         own = int(row[4]) if row[4] is not None else None
+        # The snapshot's xmax follows the last completed transaction; the caller's own
+        # (tests, rebuilds) may be at or above it.
+        next_id = max(int(row[5]), (own or 0) + 1)
+        if int(row[1]) >= next_id:
+            cluster.check(session.connection(), self._tables, record=False)
+            raise errors.TransactionIdsAheadError(
+                cluster.ahead_message(f"the checkpoint of projection {name!r}", next_id)
+            )
         return _Checkpoint(int(row[1]), int(row[2]), int(row[3]), own)
+
+
+def _union(*selects: sa.Select[Any], ascending: bool) -> sa.CompoundSelect[Any]:
+    union = sa.union_all(*selects)
+    tx, pos = union.selected_columns.transaction_id, union.selected_columns.global_position
+    order = [tx, pos] if ascending else [tx.desc(), pos.desc()]
+    limit: Any = sa.bindparam("limit") if ascending else 1
+    return union.order_by(*order).limit(limit)

@@ -755,16 +755,24 @@ def test_reset_deletes_checkpoints_and_with_app_clears_the_read_model(
     assert_read_models_complete(db)
     orders_before = orders_rows(db)
 
+    # Without --app the read model cannot be cleared: refused, nothing changed.
+    (refused,) = cli_many(app_dir, [Call(["reset", "orders", "--yes"], url)])
+    assert_clean_error(refused, 2, "refusing to reset 'orders'", "--keep-read-model")
+    assert len(checkpoint_rows(db)) == 2
+
     plain, with_app, unknown = cli_many(
         app_dir,
         [
-            Call(["reset", "orders", "--yes"], url),
+            Call(["reset", "orders", "--keep-read-model", "--yes"], url),
             Call(["reset", "totals", "--app", "myapp:PROJECTIONS", "--yes"], url),
-            Call(["reset", "nosuch", "--yes"], url),
+            Call(["reset", "nosuch", "--keep-read-model", "--yes"], url),
         ],
     )
     assert ok(plain).stdout.strip() == "reset orders: deleted 1 checkpoint row(s)"
-    assert ok(with_app).stdout.strip() == "reset totals: deleted 1 checkpoint row(s)"
+    assert (
+        ok(with_app).stdout.strip()
+        == "reset totals: deleted 1 checkpoint row(s) and cleared its read model"
+    )
     # (The known names depend on which concurrent reset finished first.)
     assert_clean_error(unknown, 1, "no checkpoints for projection 'nosuch' (known: ")
 

@@ -180,7 +180,11 @@ def test_reset_deletes_checkpoints_and_calls_the_hook(
         )
     processor(engine, store).run_until_caught_up(OrdersOnly())
 
-    assert reset(engine, "rebuildable") == 2
+    # Without the projection its read model would survive and be applied again: refused.
+    with pytest.raises(es.ConfigurationError, match="keep_read_model=True"):
+        reset(engine, "rebuildable")
+    assert len(status(engine)) == 3
+    assert reset(engine, "rebuildable", keep_read_model=True) == 2
     assert [(r.projection, r.partition_key) for r in status(engine)] == [("orders_only", 0)]
     assert len(applied_triples(engine, "rebuildable")) == 10  # no projection: no hook
 
@@ -189,7 +193,7 @@ def test_reset_deletes_checkpoints_and_calls_the_hook(
     assert applied_triples(engine, "orders_only") == []
     assert len(applied_triples(engine, "rebuildable")) == 10  # only its own rows
 
-    assert reset(engine, "never_ran") == 0
+    assert reset(engine, "never_ran", keep_read_model=True) == 0
 
 
 def test_reset_in_a_callers_session_commits_with_it(
@@ -217,6 +221,6 @@ def test_unmigrated_database_raises_schema_missing(tmp_path: Path) -> None:
         with pytest.raises(es.SchemaMissingError, match="eventsource db upgrade"):
             rebuild(engine, Rebuildable())
         with pytest.raises(es.SchemaMissingError, match="eventsource db upgrade"):
-            reset(engine, "rebuildable")
+            reset(engine, "rebuildable", keep_read_model=True)
     finally:
         engine.dispose()
