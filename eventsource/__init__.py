@@ -10,6 +10,7 @@ from eventsource.database import create_engine, database_url, downgrade, upgrade
 from eventsource.errors import (
     CheckpointLostError,
     ConfigurationError,
+    DatabaseUnavailableError,
     DuplicateEventError,
     EventSourceError,
     OptimisticConcurrencyError,
@@ -25,6 +26,7 @@ from eventsource.models import TableNames
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy
 from eventsource.processor import BatchResult, Processor, ProcessorConfig
 from eventsource.projection import Projection
+from eventsource.retry import RetryPolicy, run_in_transaction
 from eventsource.runner import ProjectionRunner, Runner
 from eventsource.store import EventStore
 
@@ -33,6 +35,7 @@ __all__ = [
     "BatchResult",
     "CheckpointLostError",
     "ConfigurationError",
+    "DatabaseUnavailableError",
     "DuplicateEventError",
     "Event",
     "EventSourceError",
@@ -49,6 +52,7 @@ __all__ = [
     "ProjectionBusyError",
     "ProjectionError",
     "ProjectionRunner",
+    "RetryPolicy",
     "Runner",
     "SchemaMissingError",
     "Stream",
@@ -58,5 +62,6 @@ __all__ = [
     "create_engine",
     "database_url",
     "downgrade",
+    "run_in_transaction",
     "upgrade",
 ]

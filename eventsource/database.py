@@ -36,6 +36,17 @@ SqliteSynchronous = Literal["FULL", "NORMAL"]
 #: power loss or an OS crash. NORMAL skips that sync (faster) and may lose the last
 #: commits on such a crash (never on an application crash): an explicit opt-in.
 SQLITE_SYNCHRONOUS_DEFAULT: SqliteSynchronous = "FULL"
+#: libpq settings create_engine gives PostgreSQL connections unless told otherwise: fail
+#: a connection attempt after 10 s; probe an idle connection after 30 s, every 10 s, and
+#: drop it after 3 lost probes; drop one whose sent data stays unacknowledged for 30 s.
+PG_CONNECT_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 #: Connection execution option: this connection only reads (SQLite: deferred BEGIN).
 READ_ONLY_OPTION = "eventsource_read_only"
 
@@ -80,6 +91,10 @@ def create_engine(
     loss or OS crash can roll back commits that were already acknowledged (see the
     README). Like SQLAlchemy's ``sqlite_*`` options, ``sqlite_synchronous`` is ignored
     on other databases, so one call serves both; its value is checked on all of them.
+    On PostgreSQL (psycopg) it sets libpq connection timeouts unless the URL or
+    ``connect_args`` set them (:data:`PG_CONNECT_DEFAULTS`): a connect timeout, TCP
+    keepalives and a TCP user timeout, so a dead network or a vanished server becomes
+    an error within about half a minute, which processors retry, instead of a hang.
     Other keyword arguments go to :func:`sqlalchemy.create_engine`.
     """
     if sqlite_synchronous not in get_args(SqliteSynchronous):
@@ -89,6 +104,10 @@ def create_engine(
             f"got {sqlite_synchronous!r}"
         )
     resolved = database_url(url)
+    if resolved.get_backend_name() == "postgresql" and resolved.get_driver_name() == "psycopg":
+        given = {**resolved.query, **kwargs.get("connect_args", {})}
+        defaults = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
+        kwargs["connect_args"] = {**defaults, **kwargs.get("connect_args", {})}
     engine = sa.create_engine(resolved, **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(

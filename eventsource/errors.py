@@ -12,6 +12,7 @@
     ├── TransactionIdsAheadError               restored from another cluster: db rebase
     ├── ProjectionBusyError                    a reset/rebuild waited too long for batches
     ├── CheckpointLostError                    a checkpoint row vanished mid-batch; rolled back
+    ├── DatabaseUnavailableError               transient failures outlasted the retry policy
     └── ProjectionError                        a projection's handler raised (see __cause__)
 """
 
@@ -87,6 +88,16 @@ class CheckpointLostError(EventSourceError):
     Only a deletion that bypasses the projection's lock can cause it (by hand, or an
     old tool): ``eventsource reset`` and ``eventsource.rebuild.reset`` wait for batches.
     """
+
+
+class DatabaseUnavailableError(EventSourceError):
+    """The database kept failing transiently (connection lost, server down, deadlocks)
+    for longer than the retry policy allows; no handler is at fault. The cause is chained.
+    """
+
+    def __init__(self, message: str, *, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
 
 
 class ProjectionError(EventSourceError):

@@ -67,9 +67,18 @@ class PrometheusMetrics:
         self.batch_errors = prometheus_client.Counter(
             "batch_errors", "Batches rolled back by an error.", LABELS, **kw
         )
+        self.batch_retries = prometheus_client.Counter(
+            "batch_retries",
+            "Batches retried after a transient failure (label cause: the error's condition).",
+            (*LABELS, "cause"),
+            **kw,
+        )
         self.checkpoint = prometheus_client.Gauge(
             "checkpoint_position", "Global position of the partition's checkpoint.", LABELS, **kw
         )
+
+    def batch_retried(self, projection: str, partition: int, cause: str) -> None:
+        self.batch_retries.labels(projection, str(partition), cause).inc()
 
     def batch_completed(self, projection: str, partition: int, result: BatchResult) -> None:
         labels = (projection, str(partition))

@@ -24,19 +24,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from eventsource import cluster, errors, models
+from eventsource import cluster, errors, models, retry
 from eventsource.events import PersistedEvent
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy, fnv1a_32
 from eventsource.projection import Projection
+from eventsource.retry import Retrier, RetryPolicy
 from eventsource.store import EVENT_COLUMNS, EventStore, event_from_row
 
 logger = logging.getLogger("eventsource.processor")
+
+T = TypeVar("T")
 
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_POLL_INTERVAL = 0.1
@@ -53,6 +56,12 @@ class ProcessorConfig:
     total_partitions: int = 1
     partition_strategy: PartitionStrategy = field(default_factory=HashPartitionStrategy)
     poll_interval: float = DEFAULT_POLL_INTERVAL
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """How ``run`` and ``run_until_caught_up`` retry transient failures (DESIGN
+    invariant 8); ``eventsource.retry.NO_RETRY`` restores fail-at-once."""
+    batch_timeout: float | None = None
+    """PostgreSQL: bound each statement of a batch (``statement_timeout``), so a batch
+    stuck on a dead connection or a lock fails, rolls back and is retried."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "partition_key", "total_partitions"):
@@ -80,6 +89,17 @@ class ProcessorConfig:
             raise errors.ConfigurationError(
                 f"poll_interval must be a number of seconds >= 0, got {interval!r}"
             )
+        if not isinstance(self.retry, RetryPolicy):
+            raise errors.ConfigurationError(
+                f"retry must be an eventsource.RetryPolicy, got {self.retry!r}"
+            )
+        timeout = self.batch_timeout
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise errors.ConfigurationError(
+                f"batch_timeout must be seconds > 0 or None, got {timeout!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +126,9 @@ class ProcessorMetrics(Protocol):
     def batch_completed(self, projection: str, partition: int, result: BatchResult) -> None: ...
 
     def batch_failed(self, projection: str, partition: int) -> None: ...
+
+    # Optional (called when present): ``batch_retried(projection, partition, cause)``
+    # after each transient failure the processor retries.
 
 
 class Processor:
@@ -173,12 +196,15 @@ class Processor:
         """Process batches until :meth:`stop`; raises the first error (nothing half-done)."""
         _check_projection(projection)
         self._log_start(projection, "run")
+        retrier = Retrier(self.config.retry, self._describe(projection))
         try:
-            self.check_partitions(projection)
+            self._retrying(projection, retrier, lambda: self.check_partitions(projection))
             while not self._stop.is_set():
-                result = self.process_batch(projection)
+                result = self._retrying(projection, retrier, lambda: self.process_batch(projection))
                 if not result.full:
                     self._stop.wait(self.config.poll_interval)
+        except _Stopped:
+            pass
         finally:
             self._stop.clear()
             logger.info(
@@ -203,12 +229,17 @@ class Processor:
         _check_projection(projection)
         self._log_start(projection, "catch-up")
         handled = 0
+        retrier = Retrier(self.config.retry, self._describe(projection))
+
+        def attempt(work: Callable[[], T]) -> T:
+            return self._retrying(projection, retrier, work)
+
         try:
-            self.check_partitions(projection)
-            target = self._head_position()
+            attempt(lambda: self.check_partitions(projection))
+            target = attempt(self._head_position)
             waiting_since: float | None = None
             while not self._stop.is_set():
-                result = self.process_batch(projection)
+                result = attempt(lambda: self.process_batch(projection))
                 handled += result.handled
                 if on_batch is not None:
                     on_batch(result)
@@ -216,7 +247,7 @@ class Processor:
                     continue
                 # A full batch past the target may already be enough: writers that keep
                 # appending must not keep a catch-up from ever returning.
-                if not self._blocked_before(projection, target):
+                if not attempt(lambda: self._blocked_before(projection, target)):
                     break
                 if result.full:
                     continue
@@ -231,6 +262,8 @@ class Processor:
                         extra=self._fields(projection),
                     )
                 self._stop.wait(self.config.poll_interval)
+        except _Stopped:
+            pass
         finally:
             self._stop.clear()
         return handled
@@ -297,6 +330,10 @@ class Processor:
         config = self.config
         with self._sessions() as session, session.begin():
             queries = self._queries_for(session, projection)
+            if config.batch_timeout is not None and queries.dialect == "postgresql":
+                session.execute(
+                    _SET_LOCAL, {"name": "statement_timeout", "value": _ms(config.batch_timeout)}
+                )
             checkpoint = queries.lock_checkpoint(session, projection.name, config)
             if checkpoint is None:
                 raise _NoCheckpoint
@@ -398,6 +435,57 @@ class Processor:
 
     # -- internals --------------------------------------------------------------
 
+    def _retrying(self, projection: Projection, retrier: Retrier, work: Callable[[], T]) -> T:
+        """``work()``, retried after transient failures as the policy allows.
+
+        Each attempt is a whole transaction (a batch is all-or-nothing), so a retry
+        starts afresh on a new connection. Raises ``_Stopped`` when :meth:`stop` is
+        called during a wait, and DatabaseUnavailableError when the policy gives up.
+        """
+        while True:
+            try:
+                result = work()
+            except Exception as exc:
+                if not retry.is_transient(exc):
+                    raise
+                delay = retrier.failed(exc)
+                cause = retry.describe(exc)
+                logger.warning(
+                    "projection %s partition %d: transient failure %d (%s: %s); retrying "
+                    "the batch in %.0f ms",
+                    projection.name,
+                    self.config.partition_key,
+                    retrier.failures,
+                    cause,
+                    _first_line(exc),
+                    delay * 1000,
+                    extra={
+                        **self._fields(projection),
+                        "cause": cause,
+                        "attempt": retrier.failures,
+                        "retry_in_ms": round(delay * 1000, 1),
+                    },
+                )
+                retried = getattr(self.metrics, "batch_retried", None)
+                if retried is not None:
+                    retried(projection.name, self.config.partition_key, cause)
+                if self._stop.wait(delay):
+                    raise _Stopped from None
+                continue
+            if retrier.failures:
+                logger.info(
+                    "projection %s partition %d: recovered after %d transient failure(s)",
+                    projection.name,
+                    self.config.partition_key,
+                    retrier.failures,
+                    extra=self._fields(projection),
+                )
+            retrier.succeeded()
+            return result
+
+    def _describe(self, projection: Projection) -> str:
+        return f"projection {projection.name!r} (partition {self.config.partition_key})"
+
     def _queries_for(self, session: Session, projection: Projection) -> _Queries:
         dialect = session.get_bind().dialect.name
         # Scope may be set per instance, so it is part of the key, not only the class.
@@ -437,9 +525,13 @@ class Processor:
         failed: PersistedEvent | list[PersistedEvent],
         exc: Exception,
     ) -> errors.ProjectionError:
+        # A transient cause (a deadlock in the handler's statement, its append losing a
+        # race) is retried with the batch and logged there, not as a handler failure.
+        level = logging.DEBUG if retry.is_transient(exc) else logging.ERROR
         if isinstance(failed, list):  # handle_batch: the batch failed as a whole
             first, last = failed[0], failed[-1]
-            logger.error(
+            logger.log(
+                level,
                 "projection %s partition %d failed on the batch of events %d..%d: %r",
                 projection.name,
                 self.config.partition_key,
@@ -464,7 +556,8 @@ class Processor:
             "aggregate_id": event.aggregate_id,
             "event_type": event.event_type,
         }
-        logger.error(
+        logger.log(
+            level,
             "projection %s partition %d failed on event %d (%s %s): %r",
             projection.name,
             self.config.partition_key,
@@ -513,6 +606,24 @@ class Processor:
             self.config.batch_size,
             extra={**self._fields(projection), "batch_size": self.config.batch_size},
         )
+
+
+class _Stopped(Exception):
+    """:meth:`Processor.stop` was called while waiting to retry."""
+
+
+_SET_LOCAL = sa.text("SELECT set_config(:name, :value, true)")
+
+
+def _ms(seconds: float) -> str:
+    # 0 would mean "no limit": never round a short bound down to it.
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    text = str(orig).strip()
+    return text.splitlines()[0][:200] if text else type(orig).__name__
 
 
 class _NoCheckpoint(Exception):

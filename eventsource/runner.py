@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import sqlalchemy as sa
 
-from eventsource import errors
+from eventsource import errors, retry
 from eventsource.processor import Processor
 from eventsource.projection import Projection
 
@@ -93,6 +93,8 @@ class Runner:
                 try:
                     pair.processor.check_partitions(pair.projection)
                 except Exception as error:
+                    if retry.is_transient(error):
+                        continue  # each processor checks again, retrying, when it starts
                     _raise_named(pair, error)
         self.interrupted = False
         failures: list[tuple[ProjectionRunner, BaseException]] = []

@@ -44,6 +44,36 @@ class Cluster:
     port: int
     url: sa.URL
     """Its ``postgres`` database, through psycopg 3."""
+    root: Path
+    options: str
+    """The server options it was started with (port, socket directory, settings)."""
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast``: roll back and disconnect every session)."""
+        _run(self.bindir, self.root, "pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop")
+
+    def start(self) -> None:
+        """Start it again, on the same port with the same options."""
+        log = self.root / f"server-{self.port}.log"
+        _run(
+            self.bindir,
+            self.root,
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(log),
+            "-o",
+            self.options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
 
     def tool(self, name: str) -> str:
         """Path of one of the cluster's client or server programs (pg_dump, psql...)."""
@@ -120,7 +150,7 @@ def throwaway_cluster(bindir: Path | None = None) -> Iterator[Cluster]:
             "UTF8",
             "--no-sync",
         )
-        port = _start(bindir, root, datadir)
+        port, options = _start(bindir, root, datadir)
         url = sa.URL.create(
             "postgresql+psycopg",
             username="postgres",
@@ -128,7 +158,7 @@ def throwaway_cluster(bindir: Path | None = None) -> Iterator[Cluster]:
             port=port,
             database="postgres",
         )
-        yield Cluster(bindir, datadir, port, url)
+        yield Cluster(bindir, datadir, port, url, root, options)
     finally:
         if (datadir / "postmaster.pid").exists():
             _run(
@@ -146,7 +176,7 @@ def throwaway_cluster(bindir: Path | None = None) -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _start(bindir: Path, root: Path, datadir: Path, attempts: int = 3) -> int:
+def _start(bindir: Path, root: Path, datadir: Path, attempts: int = 3) -> tuple[int, str]:
     """Start the server on a free port (another process may take it first: retry)."""
     failure = ""
     for _ in range(attempts):
@@ -181,7 +211,7 @@ def _start(bindir: Path, root: Path, datadir: Path, attempts: int = 3) -> int:
             check=False,
         )
         if done.returncode == 0:
-            return port
+            return port, options
         failure = f"{done.stdout}\n{done.stderr}\n{log.read_text() if log.exists() else ''}"
     raise ClusterUnavailableError(f"the throwaway cluster did not start:\n{failure}")
 
