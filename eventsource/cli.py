@@ -23,6 +23,7 @@ from eventsource import cluster, database, errors
 from eventsource.processor import Processor, ProcessorConfig
 from eventsource.projection import Projection
 from eventsource.rebuild import DEFAULT_WAIT, RebuildProgress, has_reset, rebuild, reset
+from eventsource.retry import RetryPolicy
 from eventsource.runner import ProjectionRunner, Runner
 from eventsource.status import ProjectionStatus, require_schema, status
 from eventsource.store import EventStore
@@ -286,6 +287,19 @@ def _age(seconds: float | None) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--poll-interval", type=click.FloatRange(min=0), default=0.1, show_default=True)
 @click.option("--until-caught-up", is_flag=True, help="Handle what is committed, then exit.")
+@click.option(
+    "--retry-budget",
+    type=click.FloatRange(min=0),
+    default=RetryPolicy().budget,
+    show_default=True,
+    help="Seconds of transient database failures in a row to ride out before giving up.",
+)
+@click.option(
+    "--batch-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="PostgreSQL: bound each statement of a batch (seconds); over it, retried.",
+)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
 @click.pass_obj
 def run_command(
@@ -296,6 +310,8 @@ def run_command(
     batch_size: int,
     poll_interval: float,
     until_caught_up: bool,
+    retry_budget: float,
+    batch_timeout: float | None,
     metrics_port: int | None,
 ) -> None:
     """Run the application's projections until Ctrl+C / SIGTERM (or until caught up).
@@ -318,7 +334,14 @@ def run_command(
     if len(needs_processors) < len(defined):
         given = [
             f"--{name.replace('_', '-')}"
-            for name in ("partition_key", "total_partitions", "batch_size", "poll_interval")
+            for name in (
+                "partition_key",
+                "total_partitions",
+                "batch_size",
+                "poll_interval",
+                "retry_budget",
+                "batch_timeout",
+            )
             if click.get_current_context().get_parameter_source(name)
             != click.core.ParameterSource.DEFAULT
         ]
@@ -341,6 +364,8 @@ def run_command(
                 partition_key=key,
                 total_partitions=total_partitions,
                 poll_interval=poll_interval,
+                retry=RetryPolicy(budget=retry_budget),
+                batch_timeout=batch_timeout,
             )
             pairs.append(
                 ProjectionRunner(item.projection, Processor(engine, store, config, metrics=metrics))

@@ -13,10 +13,14 @@ shared server.
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -514,3 +518,66 @@ def test_postgres_connections_get_timeouts_unless_the_url_sets_them(pg_url: sa.U
     assert params["keepalives"] == "1"
     assert params["keepalives_idle"] == "5"  # the URL's own value wins
     assert params["tcp_user_timeout"] == "30000"
+
+
+# -- the CLI worker ---------------------------------------------------------------------------
+
+CLI_APP = """
+import sqlalchemy as sa
+import eventsource as es
+
+
+class Seen(es.Projection):
+    name = "seen"
+
+    def handle(self, event, session):
+        insert = sa.text("INSERT INTO seen (projection, global_position) VALUES ('seen', :g)")
+        session.execute(insert, {"g": event.global_position})
+
+
+PROJECTIONS = [Seen()]
+"""
+
+
+@pytest.mark.postgres
+def test_eventsource_run_rides_out_terminated_backends_and_stops_cleanly(
+    pg: sa.Engine, store: es.EventStore, tmp_path: Path
+) -> None:
+    engine = pg
+    (tmp_path / "resilient_app.py").write_text(CLI_APP)
+    url = engine.url.render_as_string(hide_password=False)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "eventsource",
+            "--database-url",
+            url,
+            "-v",
+            "run",
+            "resilient_app:PROJECTIONS",
+            "--poll-interval",
+            "0.02",
+        ],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        append_spread(engine, store, 10)
+        wait_until(lambda: len(seen(engine)) == 10, timeout=30)
+        for round_ in range(3):
+            assert terminate_backends(engine) >= 1
+            append_spread(engine, store, 10, prefix=f"after-{round_}")
+            expected = 20 + 10 * round_
+            wait_until(lambda: len(seen(engine)) == expected, timeout=30)  # noqa: B023
+            assert worker.poll() is None, worker.communicate()[1]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert "transient failure" in err
+    assert "ProjectionError" not in err
+    assert seen(engine) == list(range(1, 41))
