@@ -11,6 +11,7 @@ from eventsource.errors import (
     CheckpointLostError,
     ConfigurationError,
     DatabaseUnavailableError,
+    DeadLetterError,
     DuplicateEventError,
     EventSourceError,
     OptimisticConcurrencyError,
@@ -25,7 +26,7 @@ from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEv
 from eventsource.models import TableNames
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy
 from eventsource.processor import BatchResult, Processor, ProcessorConfig
-from eventsource.projection import Projection
+from eventsource.projection import OnError, Projection
 from eventsource.retry import RetryPolicy, run_in_transaction
 from eventsource.runner import ProjectionRunner, Runner
 from eventsource.store import EventStore
@@ -36,12 +37,14 @@ __all__ = [
     "CheckpointLostError",
     "ConfigurationError",
     "DatabaseUnavailableError",
+    "DeadLetterError",
     "DuplicateEventError",
     "Event",
     "EventSourceError",
     "EventStore",
     "ExpectedVersion",
     "HashPartitionStrategy",
+    "OnError",
     "OptimisticConcurrencyError",
     "PartitionCountChangedError",
     "PartitionStrategy",

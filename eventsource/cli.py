@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from eventsource import cluster, database, errors
+from eventsource import cluster, database, deadletters, errors
 from eventsource.processor import Processor, ProcessorConfig
 from eventsource.projection import Projection
 from eventsource.rebuild import DEFAULT_WAIT, RebuildProgress, has_reset, rebuild, reset
@@ -558,6 +558,219 @@ class _ProgressPrinter:
             filled = int(30 * min(fraction, 1.0))
             return f"{p.projection} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}  {text}"
         return f"rebuild {p.projection}: {fraction:.0%} {text}"
+
+
+# -- dead letters -----------------------------------------------------------------
+
+#: Exit code of ``dead-letters retry`` when an event failed again.
+EXIT_STILL_FAILING = 4
+
+
+@main.group("dead-letters")
+def dead_letters_group() -> None:
+    """Events that projections quarantined (on_error = OnError.QUARANTINE or
+    QUARANTINE_AGGREGATE): list them, retry them once the handler is fixed, or discard
+    them. Retries and discards wait for the projection's batches in hand; safe while
+    workers run."""
+
+
+@dead_letters_group.command("list")
+@click.option("--projection", "projection_name", metavar="NAME", help="Only this projection's.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with tracebacks).")
+@click.pass_obj
+def dead_letters_list(ctx: Context, projection_name: str | None, as_json: bool) -> None:
+    """Dead letters by projection: the failed events, and the events parked behind them."""
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        entries = deadletters.list_dead_letters(engine, projection=projection_name)
+    if as_json:
+        click.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
+    else:
+        click.echo(_dead_letter_table(entries))
+
+
+@dead_letters_group.command("retry")
+@click.argument("ids", nargs=-1, type=click.IntRange(min=1))
+@click.option("--app", "app_spec", required=True, metavar="MODULE:ATTR")
+@click.option("--projection", "projection_name", metavar="NAME", help="With --all.")
+@click.option("--all", "every", is_flag=True, help="Retry every dead letter of --projection.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_WAIT,
+    show_default=True,
+    help=_WAIT_HELP,
+)
+@click.pass_obj
+def dead_letters_retry(
+    ctx: Context,
+    ids: tuple[int, ...],
+    app_spec: str,
+    projection_name: str | None,
+    every: bool,
+    wait: float,
+) -> None:
+    """Re-apply dead letters through their projection's handler (fix it first).
+
+    Each is applied exactly once, in one transaction that deletes its entry, followed
+    by the events parked behind it in version order. One that fails again keeps its
+    entry with one more attempt, and the command exits with code 4.
+    """
+    _dead_letter_selection(ids, projection_name, every)
+    projections = [item.projection for item in load_app(app_spec)]
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        chosen = list(ids)
+        if every:
+            chosen = [
+                entry.id
+                for entry in deadletters.list_dead_letters(engine, projection=projection_name)
+                if not entry.parked
+            ]
+        if not chosen:
+            click.echo(f"no dead letters for projection {projection_name}")
+            return
+        results = deadletters.retry(engine, chosen, projections, wait=wait)
+    for result in results:
+        click.echo(_retry_line(result))
+    failing = [result for result in results if not result.ok]
+    if failing:
+        click.echo(
+            f"{len(failing)} dead letter(s) still failing: fix the handler and retry, or "
+            "discard them (eventsource dead-letters discard ID...)",
+            err=True,
+        )
+        sys.exit(EXIT_STILL_FAILING)
+
+
+@dead_letters_group.command("discard")
+@click.argument("ids", nargs=-1, type=click.IntRange(min=1))
+@click.option("--projection", "projection_name", metavar="NAME", help="With --all.")
+@click.option("--all", "every", is_flag=True, help="Discard every dead letter of --projection.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_WAIT,
+    show_default=True,
+    help=_WAIT_HELP,
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def dead_letters_discard(
+    ctx: Context,
+    ids: tuple[int, ...],
+    projection_name: str | None,
+    every: bool,
+    wait: float,
+    yes: bool,
+) -> None:
+    """Delete dead letters for good: their projection never applies those events.
+
+    Discarding a failed event that others are parked behind releases nothing: the
+    earliest parked one becomes the head, and its aggregate stays parked until that
+    one is retried or discarded too. Give every id (or --all) to drop them all.
+    """
+    _dead_letter_selection(ids, projection_name, every)
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        chosen = list(ids)
+        if every:
+            chosen = [
+                entry.id
+                for entry in deadletters.list_dead_letters(engine, projection=projection_name)
+            ]
+        if not chosen:
+            click.echo(f"no dead letters for projection {projection_name}")
+            return
+        listed = " ".join(str(entry_id) for entry_id in chosen)
+        _confirm(
+            yes,
+            f"Discard dead letter(s) {listed} on {ctx.describe()}? Their projection will "
+            "never apply those events.",
+        )
+        result = deadletters.discard(engine, chosen, wait=wait)
+    gone = " ".join(str(entry.id) for entry in result.discarded)
+    click.echo(f"discarded {len(result.discarded)} dead letter(s): {gone}")
+    for head in result.new_heads:
+        click.echo(
+            f"dead letter {head} now heads its parked aggregate: retry or discard it to "
+            "release the aggregate"
+        )
+
+
+def _dead_letter_selection(ids: tuple[int, ...], projection: str | None, every: bool) -> None:
+    if every and projection is None:
+        raise click.UsageError("--all needs --projection NAME")
+    if every and ids:
+        raise click.UsageError("give dead-letter IDs or --projection NAME --all, not both")
+    if projection is not None and not every:
+        raise click.UsageError("--projection goes with --all (or give dead-letter IDs)")
+    if not ids and not every:
+        raise click.UsageError(
+            "give the dead-letter IDs (see `eventsource dead-letters list`), or "
+            "--projection NAME --all"
+        )
+
+
+def _dead_letter_table(entries: Sequence[deadletters.DeadLetter]) -> str:
+    if not entries:
+        return "no dead letters"
+    header = (
+        "ID",
+        "PROJECTION",
+        "PARTITION",
+        "POSITION",
+        "AGGREGATE",
+        "VERSION",
+        "EVENT",
+        "STATE",
+        "BEHIND",
+        "ATTEMPTS",
+        "ERROR",
+    )
+    lines = [
+        (
+            str(entry.id),
+            entry.projection,
+            f"{entry.partition_key}/{entry.total_partitions}",
+            str(entry.global_position),
+            f"{entry.bounded_context}/{entry.aggregate_type}/{entry.aggregate_id}",
+            str(entry.aggregate_version),
+            entry.event_type,
+            "parked" if entry.parked else "failed",
+            str(entry.parked_behind) if entry.parked_behind is not None else "-",
+            str(entry.attempts),
+            _one_line(f"{entry.error_type}: {entry.error_message}" if entry.error_type else "-"),
+        )
+        for entry in entries
+    ]
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+        for cells in [header, *lines]
+    )
+
+
+def _one_line(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _retry_line(result: deadletters.RetryResult) -> str:
+    what = f"dead letter {result.id} ({result.projection}, event {result.global_position})"
+    if result.status == "gone":
+        return f"dead letter {result.id}: already resolved, nothing to do"
+    if result.status == "applied":
+        more = len(result.applied) - 1
+        parked = f", then {more} event(s) parked behind it" if more else ""
+        return f"{what}: applied{parked}"
+    if result.status == "failed":
+        return f"{what}: failed again (attempt {result.attempts}): {_one_line(result.error or '')}"
+    return (
+        f"{what}: applied {len(result.applied)} event(s), then parked dead letter "
+        f"{result.blocked_by} failed (attempt {result.attempts}): "
+        f"{_one_line(result.error or '')}; it now heads the aggregate"
+    )
 
 
 # -- helpers ----------------------------------------------------------------------

@@ -13,6 +13,7 @@
     ├── ProjectionBusyError                    a reset/rebuild waited too long for batches
     ├── CheckpointLostError                    a checkpoint row vanished mid-batch; rolled back
     ├── DatabaseUnavailableError               transient failures outlasted the retry policy
+    ├── DeadLetterError                        a dead-letter retry/discard was refused
     └── ProjectionError                        a projection's handler raised (see __cause__)
 """
 
@@ -98,6 +99,14 @@ class DatabaseUnavailableError(EventSourceError):
     def __init__(self, message: str, *, attempts: int) -> None:
         super().__init__(message)
         self.attempts = attempts
+
+
+class DeadLetterError(EventSourceError):
+    """A dead-letter retry or discard was refused (an unknown id, a parked event without
+    the event it waits for, a projection not given); nothing was changed.
+
+    See :mod:`eventsource.deadletters`.
+    """
 
 
 class ProjectionError(EventSourceError):

@@ -76,6 +76,13 @@ class PrometheusMetrics:
         self.checkpoint = prometheus_client.Gauge(
             "checkpoint_position", "Global position of the partition's checkpoint.", LABELS, **kw
         )
+        self.quarantined = prometheus_client.Counter(
+            "events_quarantined",
+            "Events stored as dead letters instead of applied: failed, or parked behind one "
+            "(projections with on_error=OnError.QUARANTINE*).",
+            LABELS,
+            **kw,
+        )
 
     def batch_retried(self, projection: str, partition: int, cause: str) -> None:
         self.batch_retries.labels(projection, str(partition), cause).inc()
@@ -91,6 +98,11 @@ class PrometheusMetrics:
 
     def batch_failed(self, projection: str, partition: int) -> None:
         self.batch_errors.labels(projection, str(partition)).inc()
+
+    def events_quarantined(self, projection: str, partition: int, count: int) -> None:
+        """``count`` events of a committed batch went to the dead letters (optional hook:
+        processors call it only on metrics objects that have it)."""
+        self.quarantined.labels(projection, str(partition)).inc(count)
 
     def track_lag(self, engine: sa.Engine, *, store: EventStore | None = None) -> None:
         """Register a ``lag_events`` gauge that queries :func:`eventsource.status` on scrape."""

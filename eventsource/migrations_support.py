@@ -26,4 +26,5 @@ def table_names() -> models.TableNames:
             "projection_checkpoints_table", defaults.projection_checkpoints
         ),
         cluster=x.get("cluster_table", ""),  # empty: derived from the events table's name
+        dead_letters=x.get("dead_letters_table", ""),  # likewise
     )

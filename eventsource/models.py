@@ -1,7 +1,8 @@
 """The library's tables, as SQLAlchemy models, on PostgreSQL and SQLite.
 
 Events, aggregate heads and projection checkpoints, plus a one-row record of the
-PostgreSQL cluster that wrote them (see :mod:`eventsource.cluster`). Table names are
+PostgreSQL cluster that wrote them (see :mod:`eventsource.cluster`) and the events
+projections quarantined (see :mod:`eventsource.deadletters`). Table names are
 configurable (:class:`TableNames`); :func:`define_tables` builds Core tables for any
 names, and the declarative models below map the default ones. The Alembic migrations
 in ``eventsource/migrations`` create the same schema; a test proves the two agree.
@@ -122,8 +123,9 @@ MAX_IDENTIFIER_BYTES = 63
 class TableNames:
     """Names of the library's tables; change them to share a schema with other tables.
 
-    ``cluster`` defaults to ``<events>_cluster``, so two sets of names in one database
-    never share it. Names are checked here, before any SQL: each must be a non-empty
+    ``cluster`` defaults to ``<events>_cluster`` and ``dead_letters`` to
+    ``<events>_dead_letters``, so two sets of names in one database never share them.
+    Names are checked here, before any SQL: each must be a non-empty
     str, and every identifier derived from them (constraints, indexes, the version
     table) must fit PostgreSQL's 63 bytes, which it would otherwise truncate.
     """
@@ -133,12 +135,15 @@ class TableNames:
     projection_checkpoints: str = "projection_checkpoints"
     cluster: str = ""
     """The one-row record of the PostgreSQL cluster that wrote the store."""
+    dead_letters: str = ""
+    """Events that projections quarantined (``OnError.QUARANTINE*``)."""
 
     def __post_init__(self) -> None:
-        fields = ("events", "aggregate_heads", "projection_checkpoints", "cluster")
+        fields = ("events", "aggregate_heads", "projection_checkpoints", "cluster", "dead_letters")
+        derived = ("cluster", "dead_letters")
         for field in fields:
             value = getattr(self, field)
-            if field == "cluster" and value == "":
+            if field in derived and value == "":
                 continue  # derived below
             if not isinstance(value, str) or not value.strip() or "\x00" in value:
                 raise errors.ConfigurationError(
@@ -153,9 +158,13 @@ class TableNames:
                 ) from exc
         if not self.cluster:
             object.__setattr__(self, "cluster", f"{self.events}_cluster")
+        if not self.dead_letters:
+            object.__setattr__(self, "dead_letters", f"{self.events}_dead_letters")
         names = [getattr(self, field) for field in fields]
         if len(set(names)) < len(names):
-            raise errors.ConfigurationError(f"TableNames must name four different tables: {self}")
+            raise errors.ConfigurationError(
+                f"TableNames must name {len(fields)} different tables: {self}"
+            )
         for field, identifier in self.identifiers():
             size = len(identifier.encode("utf-8"))
             if size > MAX_IDENTIFIER_BYTES:
@@ -181,6 +190,10 @@ class TableNames:
             ("projection_checkpoints", f"pk_{self.projection_checkpoints}"),
             ("cluster", self.cluster),
             ("cluster", f"pk_{self.cluster}"),
+            ("dead_letters", self.dead_letters),
+            ("dead_letters", f"pk_{self.dead_letters}"),
+            ("dead_letters", f"uq_{self.dead_letters}_event"),
+            ("dead_letters", f"ix_{self.dead_letters}_aggregate"),
         ]
 
 
@@ -194,6 +207,7 @@ class Tables:
     aggregate_heads: sa.Table
     projection_checkpoints: sa.Table
     cluster: sa.Table
+    dead_letters: sa.Table
 
 
 def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
@@ -268,7 +282,47 @@ def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
         sa.Column("system_identifier", sa.BigInteger, nullable=False),
         sa.Column("recorded_at", UtcDateTime, nullable=False),
     )
-    return Tables(names, metadata, events, heads, checkpoints, cluster)
+    # Events a projection quarantined (OnError.QUARANTINE*), with the handler's error;
+    # see eventsource.deadletters. A parked event (QUARANTINE_AGGREGATE) waits behind
+    # the failed event of its aggregate: parked_behind is that entry's id.
+    dead_letters = sa.Table(
+        names.dead_letters,
+        metadata,
+        sa.Column("id", BigIntPk, sa.Identity(), primary_key=True),
+        sa.Column("projection_name", sa.Text, nullable=False),
+        sa.Column("partition_key", sa.Integer, nullable=False),
+        sa.Column("total_partitions", sa.Integer, nullable=False),
+        sa.Column("global_position", sa.BigInteger, nullable=False),
+        sa.Column("event_id", sa.Uuid, nullable=False),
+        sa.Column("bounded_context", sa.Text, nullable=False),
+        sa.Column("aggregate_type", sa.Text, nullable=False),
+        sa.Column("aggregate_id", sa.Text, nullable=False),
+        sa.Column("aggregate_version", sa.BigInteger, nullable=False),
+        sa.Column("event_type", sa.Text, nullable=False),
+        sa.Column("parked_behind", sa.BigInteger, nullable=True),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("error_type", sa.Text, nullable=True),
+        sa.Column("error_message", sa.Text, nullable=True),
+        sa.Column("traceback", sa.Text, nullable=True),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("last_failed_at", UtcDateTime, nullable=True),
+        # An event is quarantined at most once per projection.
+        sa.UniqueConstraint(
+            "projection_name", "global_position", name=f"uq_{names.dead_letters}_event"
+        ),
+        # Batches look up the parked aggregates of their projection partition.
+        sa.Index(
+            f"ix_{names.dead_letters}_aggregate",
+            "projection_name",
+            "partition_key",
+            "bounded_context",
+            "aggregate_type",
+            "aggregate_id",
+            "aggregate_version",
+        ),
+        sqlite_autoincrement=True,
+    )
+    return Tables(names, metadata, events, heads, checkpoints, cluster, dead_letters)
 
 
 @functools.cache
@@ -348,3 +402,28 @@ class ClusterRecord(Base):
     id: Mapped[int]
     system_identifier: Mapped[int]
     recorded_at: Mapped[datetime]
+
+
+class DeadLetterRecord(Base):
+    """An event a projection quarantined, or parked behind one (see eventsource.deadletters)."""
+
+    __table__ = DEFAULT_TABLES.dead_letters
+
+    id: Mapped[int]
+    projection_name: Mapped[str]
+    partition_key: Mapped[int]
+    total_partitions: Mapped[int]
+    global_position: Mapped[int]
+    event_id: Mapped[uuid.UUID]
+    bounded_context: Mapped[str]
+    aggregate_type: Mapped[str]
+    aggregate_id: Mapped[str]
+    aggregate_version: Mapped[int]
+    event_type: Mapped[str]
+    parked_behind: Mapped[int | None]
+    attempts: Mapped[int]
+    error_type: Mapped[str | None]
+    error_message: Mapped[str | None]
+    traceback: Mapped[str | None]
+    created_at: Mapped[datetime]
+    last_failed_at: Mapped[datetime | None]

@@ -128,7 +128,9 @@ class ProcessorMetrics(Protocol):
     def batch_failed(self, projection: str, partition: int) -> None: ...
 
     # Optional (called when present): ``batch_retried(projection, partition, cause)``
-    # after each transient failure the processor retries.
+    # after each transient failure the processor retries, and
+    # ``events_quarantined(projection, partition, count)`` after a batch that committed
+    # dead letters (see eventsource.deadletters).
 
 
 class Processor:
@@ -354,6 +356,9 @@ class Processor:
             filter_in_python = queries.python_partition_filter
             tx, pos = checkpoint.transaction_id, checkpoint.global_position
             whole_batches = type(projection).handle_batch is not Projection.handle_batch
+            # Quarantining projections collect the batch and apply it event by event in
+            # savepoints (_handle_quarantining); the default STOP keeps this plain loop.
+            quarantining = _quarantines(projection)
             wanted: list[PersistedEvent] = []
             for row in rows:
                 event = event_from_row(row)
@@ -361,7 +366,7 @@ class Processor:
                     event.aggregate_id, config.partition_key, config.total_partitions
                 ):
                     skipped += 1
-                elif whole_batches:
+                elif whole_batches or quarantining:
                     wanted.append(event)
                 else:
                     try:
@@ -370,7 +375,9 @@ class Processor:
                         raise self._handler_error(projection, event, exc) from exc
                     handled += 1
                 tx, pos = row[-1], event.global_position
-            if wanted:
+            if wanted and quarantining:
+                handled = self._handle_quarantining(projection, wanted, session)
+            elif wanted:
                 try:
                     projection.handle_batch(wanted, session)
                 except Exception as exc:
@@ -605,6 +612,24 @@ class Processor:
             mode,
             self.config.batch_size,
             extra={**self._fields(projection), "batch_size": self.config.batch_size},
+        )
+
+    def _handle_quarantining(
+        self, projection: Projection, events: list[PersistedEvent], session: Session
+    ) -> int:
+        """Apply ``events`` for a projection whose ``on_error`` quarantines failing events,
+        each in a savepoint (see :mod:`eventsource.deadletters`); how many were applied."""
+        from eventsource import deadletters  # it imports this module
+
+        return deadletters.apply_quarantining(
+            session,
+            projection,
+            events,
+            tables=self.store.tables,
+            config=self.config,
+            handler_error=lambda failed, exc: self._handler_error(projection, failed, exc),
+            metrics=self.metrics,
+            fields=self._fields(projection),
         )
 
 
@@ -982,3 +1007,14 @@ def _union(*selects: sa.Select[Any], ascending: bool) -> sa.CompoundSelect[Any]:
     order = [tx, pos] if ascending else [tx.desc(), pos.desc()]
     limit: Any = sa.bindparam("limit") if ascending else 1
     return union.order_by(*order).limit(limit)
+
+
+def _quarantines(projection: Projection) -> bool:
+    """Whether ``projection.on_error`` quarantines (it may be set per instance: checked)."""
+    quarantines = getattr(projection.on_error, "quarantines", None)
+    if not isinstance(quarantines, bool):
+        raise errors.ConfigurationError(
+            f"{type(projection).__qualname__}.on_error must be an eventsource.OnError "
+            f"(STOP, QUARANTINE or QUARANTINE_AGGREGATE), got {projection.on_error!r}"
+        )
+    return quarantines

@@ -2,11 +2,14 @@
 
 A projection's ``handle`` runs inside the processor's batch transaction, with the
 processor's session: read-model writes and the checkpoint commit together, so each
-event's effect on the database happens exactly once.
+event's effect on the database happens exactly once. ``on_error`` chooses what a
+handler's own (permanent) error does: stop the projection, or quarantine the event
+(see :mod:`eventsource.deadletters`).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,11 +19,38 @@ from eventsource import errors
 from eventsource.events import PersistedEvent
 
 
+class OnError(enum.Enum):
+    """What the processor does when a projection's handler raises a permanent error.
+
+    Transient failures (a lost connection, a deadlock, an append losing a race: see
+    :func:`eventsource.retry.is_transient`) are never quarantined: the whole batch is
+    retried instead.
+    """
+
+    STOP = "stop"
+    """Roll the batch back and raise ProjectionError: the projection stops on the event
+    until the handler is fixed (the default, as in the Go original)."""
+    QUARANTINE = "quarantine"
+    """Store the event in the dead-letter table with its error and move on, in the
+    batch's transaction. Later events of the same aggregate are still applied, so the
+    read model may see them before the quarantined one is retried."""
+    QUARANTINE_AGGREGATE = "quarantine_aggregate"
+    """Quarantine the event and park every later event of its aggregate behind it
+    (also stored, not applied) until it is retried or discarded: each aggregate's
+    events still reach the read model in version order; other aggregates flow."""
+
+    @property
+    def quarantines(self) -> bool:
+        """Whether a failing event is quarantined instead of stopping the projection."""
+        return self is not OnError.STOP
+
+
 class Projection:
     """Subclass it, set ``name`` and override ``handle``.
 
     ``aggregate_types`` and ``bounded_contexts`` scope the events the projection
-    receives (empty: all of them); the filtering happens in SQL. Subclasses meant to
+    receives (empty: all of them); the filtering happens in SQL. ``on_error`` picks
+    what a handler's error does (:class:`OnError`; default: stop). Subclasses meant to
     be subclassed again pass ``abstract=True``::
 
         class UserCounter(Projection):
@@ -34,11 +64,13 @@ class Projection:
     name: str
     aggregate_types: tuple[str, ...] = ()
     bounded_contexts: tuple[str, ...] = ()
+    on_error: OnError = OnError.STOP
 
     def __init_subclass__(cls, *, abstract: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.aggregate_types = _names(cls, "aggregate_types")
         cls.bounded_contexts = _names(cls, "bounded_contexts")
+        check_on_error(cls.on_error, cls.__qualname__)
         if abstract:
             return
         name = getattr(cls, "name", None)
@@ -73,6 +105,17 @@ class Projection:
 
     def __repr__(self) -> str:
         return f"<{type(self).__qualname__} name={self.name!r}>"
+
+
+def check_on_error(value: object, owner: str) -> OnError:
+    """``value`` as an :class:`OnError`, or ConfigurationError naming the choices."""
+    if not isinstance(value, OnError):
+        choices = ", ".join(f"OnError.{member.name}" for member in OnError)
+        raise errors.ConfigurationError(
+            f"{owner}.on_error must be one of {choices} (from eventsource import OnError), "
+            f"got {value!r}"
+        )
+    return value
 
 
 def _names(cls: type, attribute: str) -> tuple[str, ...]:

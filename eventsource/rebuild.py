@@ -5,10 +5,11 @@ batch holds (DESIGN invariant 6): they wait for the batches in hand of every
 partition, and new batches wait for them. Both run at READ COMMITTED whatever the
 engine's isolation, so what they clear is what the finished batches committed.
 
-A reset deletes the checkpoints and clears the read model through the projection's
-``reset`` hook in one transaction; a running worker then replays from the start, as a
-restarted one would. Without the hook the read model would keep every effect and the
-replay would apply them again, so that needs ``keep_read_model=True``.
+A reset deletes the checkpoints (and the projection's dead letters) and clears the
+read model through the projection's ``reset`` hook in one transaction; a running
+worker then replays from the start, as a restarted one would. Without the hook the
+read model would keep every effect and the replay would apply them again, so that
+needs ``keep_read_model=True``.
 
 A rebuild runs in one database transaction: the reset, then every event replayed (each
 batch in a savepoint), and only then the commit. A failed or interrupted rebuild
@@ -111,6 +112,10 @@ def reset(
     if projection is not None:
         projection.reset(session)
     result = session.connection().execute(ck.delete().where(ck.c.projection_name == name))
+    # The replay applies (or quarantines again) the events it had quarantined.
+    dead_letters = store.tables.dead_letters
+    if sa.inspect(session.connection()).has_table(dead_letters.name):  # before es0003: none
+        session.execute(dead_letters.delete().where(dead_letters.c.projection_name == name))
     return int(result.rowcount or 0)
 
 

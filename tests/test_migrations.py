@@ -21,9 +21,17 @@ import eventsource as es
 from eventsource import cluster, database, models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LIBRARY_TABLES = {"events", "aggregate_heads", "projection_checkpoints", "events_cluster"}
+LIBRARY_TABLES = {
+    "events",
+    "aggregate_heads",
+    "projection_checkpoints",
+    "events_cluster",
+    "events_dead_letters",
+}
+#: The library's tables at its first revision.
+AT_ES0001 = LIBRARY_TABLES - {"events_cluster", "events_dead_letters"}
 #: The newest revision the library ships.
-HEAD = "es0002"
+HEAD = "es0003"
 VERSION_TABLE = "eventsource_alembic_version"
 CUSTOM_NAMES = models.TableNames(
     events="app_events",
@@ -131,6 +139,7 @@ def test_models_equal_migrations(empty_engine: sa.Engine) -> None:
         "app_heads",
         "app_checkpoints",
         "app_events_cluster",
+        "app_events_dead_letters",
         VERSION_TABLE,
         custom_version_table,
     }
@@ -144,7 +153,7 @@ def test_models_equal_migrations(empty_engine: sa.Engine) -> None:
 def test_cluster_record_revision_steps_on_a_store_in_use(empty_engine: sa.Engine) -> None:
     """es0002 adds (and its downgrade removes) only the cluster record, keeping the events."""
     es.upgrade(empty_engine, "es0001")
-    assert table_names(empty_engine) == (LIBRARY_TABLES - {"events_cluster"}) | {VERSION_TABLE}
+    assert table_names(empty_engine) == AT_ES0001 | {VERSION_TABLE}
     store = es.EventStore()
 
     def event() -> es.Event:
@@ -162,13 +171,33 @@ def test_cluster_record_revision_steps_on_a_store_in_use(empty_engine: sa.Engine
     with empty_engine.begin() as conn:
         cluster.check(conn, store.tables)
     es.downgrade(empty_engine, "es0001")
-    assert table_names(empty_engine) == (LIBRARY_TABLES - {"events_cluster"}) | {VERSION_TABLE}
+    assert table_names(empty_engine) == AT_ES0001 | {VERSION_TABLE}
     with Session(empty_engine) as session, session.begin():
         assert store.stream_version(session, "b", "A", "1") == 1
     es.upgrade(empty_engine)
     with Session(empty_engine) as session, session.begin():
         store.append(session, [event()])
         assert store.stream_version(session, "b", "A", "1") == 2
+
+
+def test_dead_letters_revision_steps_on_a_store_in_use(empty_engine: sa.Engine) -> None:
+    """es0003 adds (and its downgrade removes) only the dead-letter table."""
+    before = (LIBRARY_TABLES - {"events_dead_letters"}) | {VERSION_TABLE}
+    es.upgrade(empty_engine, "es0002")
+    assert table_names(empty_engine) == before
+    store = es.EventStore()
+    event = es.Event(bounded_context="b", aggregate_type="A", aggregate_id="1", event_type="E")
+    with Session(empty_engine) as session, session.begin():
+        store.append(session, [event])
+
+    es.upgrade(empty_engine)
+    assert database.current_revision(empty_engine) == HEAD
+    assert table_names(empty_engine) == LIBRARY_TABLES | {VERSION_TABLE}
+    assert schema_diffs(empty_engine, models.metadata) == []
+    es.downgrade(empty_engine, "es0002")
+    assert table_names(empty_engine) == before
+    with Session(empty_engine) as session, session.begin():
+        assert store.stream_version(session, "b", "A", "1") == 1
 
 
 def run_alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -201,7 +230,7 @@ def test_alembic_command_line(empty_engine: sa.Engine) -> None:
     assert run_alembic(database_url, "current").stdout.strip() == f"{HEAD} (head)"
 
     run_alembic(database_url, "downgrade", "es0001")  # batch mode on SQLite
-    assert table_names(empty_engine) == (LIBRARY_TABLES - {"events_cluster"}) | {VERSION_TABLE}
+    assert table_names(empty_engine) == AT_ES0001 | {VERSION_TABLE}
     run_alembic(database_url, "upgrade", "head")
     assert table_names(empty_engine) == LIBRARY_TABLES | {VERSION_TABLE}
 

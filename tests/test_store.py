@@ -854,6 +854,7 @@ def test_custom_table_names(empty_engine: sa.Engine) -> None:
         "x_aggregate_heads",
         "x_projection_checkpoints",
         "x_events_cluster",
+        "x_events_dead_letters",
         "eventsource_alembic_version_x_events",  # its own revision
     }
     store = es.EventStore(table_names=CUSTOM_NAMES)

@@ -43,6 +43,14 @@ def test_the_cluster_record_is_named_after_the_events_table() -> None:
     assert models.TableNames(events="app_events").cluster == "app_events_cluster"
     assert models.TableNames(cluster="events_cluster") == models.TableNames()
     assert models.TableNames(events="a", cluster="mine").cluster == "mine"
+
+
+def test_the_dead_letters_are_named_after_the_events_table() -> None:
+    assert models.TableNames().dead_letters == "events_dead_letters"
+    assert models.TableNames(events="app_events").dead_letters == "app_events_dead_letters"
+    assert models.TableNames(dead_letters="events_dead_letters") == models.TableNames()
+    assert models.TableNames(events="a", dead_letters="mine").dead_letters == "mine"
+    assert models.tables_for(models.TableNames(events="a")).dead_letters.name == ("a_dead_letters")
     assert database.VERSION_TABLE == models.VERSION_TABLE
 
 
@@ -63,6 +71,10 @@ def test_names_that_would_exceed_63_bytes_are_refused() -> None:
         models.TableNames(aggregate_heads="h" * 61)
     with pytest.raises(es.ConfigurationError, match=r"TableNames\.cluster"):
         models.TableNames(cluster="c" * 64)
+    # The longest events name still leaves room for the dead letters' derived names.
+    assert len(f"ix_{models.TableNames(events=longest).dead_letters}_aggregate") <= 63
+    with pytest.raises(es.ConfigurationError, match=r"TableNames\.dead_letters.*ix_d+_aggregate"):
+        models.TableNames(dead_letters="d" * 51)
     with pytest.raises(es.ConfigurationError, match="63"):
         es.EventStore(table_names=models.TableNames(projection_checkpoints="p" * 62))
 
@@ -75,6 +87,7 @@ def test_names_that_would_exceed_63_bytes_are_refused() -> None:
         ("aggregate_heads", None),
         ("projection_checkpoints", 7),
         ("cluster", "a\x00b"),
+        ("dead_letters", "   "),
         ("events", "\ud800"),
     ],
 )
@@ -84,10 +97,12 @@ def test_names_must_be_non_empty_text(field: str, value: object) -> None:
 
 
 def test_names_must_differ() -> None:
-    with pytest.raises(es.ConfigurationError, match="four different tables"):
+    with pytest.raises(es.ConfigurationError, match="5 different tables"):
         models.TableNames(events="t", aggregate_heads="t")
-    with pytest.raises(es.ConfigurationError, match="four different tables"):
+    with pytest.raises(es.ConfigurationError, match="5 different tables"):
         models.TableNames(cluster="events")
+    with pytest.raises(es.ConfigurationError, match="5 different tables"):
+        models.TableNames(dead_letters="events_cluster")
 
 
 def test_a_percent_sign_in_names_migrates_and_round_trips(empty_engine: sa.Engine) -> None:
@@ -98,6 +113,7 @@ def test_a_percent_sign_in_names_migrates_and_round_trips(empty_engine: sa.Engin
         'he%ads "quoted"',
         "check%points",
         "ev%ents_cluster",
+        "ev%ents_dead_letters",
         "eventsource_alembic_version_ev%ents",
     }
     assert database.current_revision(empty_engine, table_names=ODD) == database.head_revision()

@@ -187,6 +187,7 @@ class _Recorder(Projection, abstract=True):
         self.name = inner.name
         self.aggregate_types = inner.aggregate_types
         self.bounded_contexts = inner.bounded_contexts
+        self.on_error = inner.on_error  # quarantines as in production
         self.handled: list[PersistedEvent] = []
 
     def handle(self, event: PersistedEvent, session: Session) -> None:
