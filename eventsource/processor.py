@@ -181,6 +181,13 @@ class Processor:
         #: Warn when reading the caller's own uncommitted events (off in the test plugin,
         #: whose transactions always roll back).
         self.warn_on_own_transaction = True
+        #: Inside a caller's transaction, read the rows it wrote itself (tests append and
+        #: project in one transaction). A rebuild, which commits, turns it off: its own
+        #: rows could sort after events of older transactions still open.
+        self.read_own_transaction = True
+        #: Sessions join a caller's transaction (a sessionmaker bound to a Connection):
+        #: a failure there is the caller's to handle, never retried or rolled back here.
+        self._in_callers_transaction = self.engine is None
         self._stop = threading.Event()
         self._queries: dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Queries] = {}
 
@@ -279,32 +286,36 @@ class Processor:
         take turns on the projection's lock, and the second one is refused.
         """
         with self._sessions() as session, session.begin():
-            queries = self._queries_for(session, projection)
-            queries.lock_projection(session, projection.name)
-            # Stored transaction ids ahead of the server's (a restore into another
-            # cluster) would make every read come back empty: refuse (invariant 7).
-            cluster.check(session.connection(), self.store.tables)
-            table = self.store.tables.projection_checkpoints
-            totals = set(
-                session.execute(
-                    sa.select(table.c.total_partitions)
-                    .where(table.c.projection_name == projection.name)
-                    .distinct()
-                ).scalars()
+            self._ensure_checkpoint(session, self._queries_for(session, projection), projection)
+
+    def _ensure_checkpoint(
+        self, session: Session, queries: _Queries, projection: Projection
+    ) -> None:
+        queries.lock_projection(session, projection.name)
+        # Stored transaction ids ahead of the server's (a restore into another
+        # cluster) would make every read come back empty: refuse (invariant 7).
+        cluster.check(session.connection(), self.store.tables)
+        table = self.store.tables.projection_checkpoints
+        totals = set(
+            session.execute(
+                sa.select(table.c.total_partitions)
+                .where(table.c.projection_name == projection.name)
+                .distinct()
+            ).scalars()
+        )
+        other = totals - {self.config.total_partitions}
+        if other:
+            raise errors.PartitionCountChangedError(
+                f"projection {projection.name!r} has checkpoints written with "
+                f"total_partitions={sorted(other)}, but this processor uses "
+                f"total_partitions={self.config.total_partitions}. Changing the count "
+                "would skip or repeat events. Start it with the old count, or rebuild it "
+                f"with the new one (eventsource rebuild {projection.name} --app "
+                f"MODULE:ATTR --total-partitions {self.config.total_partitions}), or "
+                f"reset it (eventsource reset {projection.name} --app MODULE:ATTR) and "
+                "replay from the start."
             )
-            other = totals - {self.config.total_partitions}
-            if other:
-                raise errors.PartitionCountChangedError(
-                    f"projection {projection.name!r} has checkpoints written with "
-                    f"total_partitions={sorted(other)}, but this processor uses "
-                    f"total_partitions={self.config.total_partitions}. Changing the count "
-                    "would skip or repeat events. Start it with the old count, or rebuild it "
-                    f"with the new one (eventsource rebuild {projection.name} --app "
-                    f"MODULE:ATTR --total-partitions {self.config.total_partitions}), or "
-                    f"reset it (eventsource reset {projection.name} --app MODULE:ATTR) and "
-                    "replay from the start."
-                )
-            queries.create_checkpoint(session, projection.name, self.config)
+        queries.create_checkpoint(session, projection.name, self.config)
 
     def process_batch(self, projection: Projection) -> BatchResult:
         """Run one batch in one transaction and return what it did."""
@@ -332,14 +343,21 @@ class Processor:
         config = self.config
         with self._sessions() as session, session.begin():
             queries = self._queries_for(session, projection)
+            checkpoint = queries.lock_checkpoint(session, projection.name, config)
+            if checkpoint is None:
+                if not self._in_callers_transaction:
+                    raise _NoCheckpoint  # roll back, create it under the exclusive lock
+                # Rolling back here would roll back the caller's whole transaction; it
+                # already serialises with everything else, so create the row in it.
+                self._ensure_checkpoint(session, queries, projection)
+                checkpoint = queries.lock_checkpoint(session, projection.name, config)
+                assert checkpoint is not None
             if config.batch_timeout is not None and queries.dialect == "postgresql":
+                # After the lock: waiting for a reset or rebuild is not a stuck batch.
                 session.execute(
                     _SET_LOCAL, {"name": "statement_timeout", "value": _ms(config.batch_timeout)}
                 )
-            checkpoint = queries.lock_checkpoint(session, projection.name, config)
-            if checkpoint is None:
-                raise _NoCheckpoint
-            own = checkpoint.reads_own_rows
+            own = checkpoint.reads_own_rows and self.read_own_transaction
             batch = queries.batch_with_own if own else queries.batch
             rows = session.execute(batch, checkpoint.params(config.batch_size)).all()
             full = len(rows) >= config.batch_size
@@ -453,7 +471,7 @@ class Processor:
             try:
                 result = work()
             except Exception as exc:
-                if not retry.is_transient(exc):
+                if self._in_callers_transaction or not retry.is_transient(exc):
                     raise
                 delay = retrier.failed(exc)
                 cause = retry.describe(exc)
@@ -914,6 +932,11 @@ class _Queries:
             # while this worker ran (checked fully at start-up; here for free).
             next_id = sa.func.pg_snapshot_xmax(sa.func.pg_current_snapshot())
             checkpoint_columns.append(sa.cast(next_id, sa.Text))
+            # The newest event id (one index lookup): restored rows ahead of the server
+            # stop a worker that kept running through a restore at once, before its
+            # checkpoint moves onto rows written after it.
+            newest_id = sa.select(sa.func.max(ev.c.transaction_id)).scalar_subquery()
+            checkpoint_columns.append(sa.cast(newest_id, sa.Text))
         self._read_checkpoint = sa.select(*checkpoint_columns).where(key)
         # Two processes on the same projection partition queue on this lock instead of
         # both advancing it (SQLite: BEGIN IMMEDIATE already serialises the batch). An
@@ -993,10 +1016,10 @@ class _Queries:
         # The snapshot's xmax follows the last completed transaction; the caller's own
         # (tests, rebuilds) may be at or above it.
         next_id = max(int(row[5]), (own or 0) + 1)
-        if int(row[1]) >= next_id:
+        if int(row[1]) >= next_id or (row[6] is not None and int(row[6]) >= next_id):
             cluster.check(session.connection(), self._tables, record=False)
             raise errors.TransactionIdsAheadError(
-                cluster.ahead_message(f"the checkpoint of projection {name!r}", next_id)
+                cluster.ahead_message(f"the stored ids read by projection {name!r}", next_id)
             )
         return _Checkpoint(int(row[1]), int(row[2]), int(row[3]), own)
 

@@ -177,7 +177,11 @@ def rebuild(
             config = ProcessorConfig(
                 batch_size=batch_size, partition_key=key, total_partitions=total_partitions
             )
-            Processor(sessions, store, config).run_until_caught_up(projection, on_batch=report)
+            replay = Processor(sessions, store, config)
+            # This transaction commits: its own rows (events the handlers append) wait
+            # for the workers, behind any older transaction still open.
+            replay.read_own_transaction = False
+            replay.run_until_caught_up(projection, on_batch=report)
     return RebuildProgress(projection.name, done, total, handled, time.monotonic() - started)
 
 

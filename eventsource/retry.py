@@ -57,6 +57,14 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, errors.OptimisticConcurrencyError):
             return True
+        if isinstance(current, errors.EventSourceError) and not isinstance(
+            current, errors.ProjectionError
+        ):
+            # The library's own verdicts (a give-up, a refusal) are final; only a
+            # handler's failure is looked through, to the error it wraps.
+            return False
+        if isinstance(current, sa.exc.TimeoutError):  # the pool had no connection free
+            return True
         if isinstance(current, sa.exc.DBAPIError):
             if current.connection_invalidated:
                 return True
@@ -86,6 +94,33 @@ def _transient_driver_error(orig: BaseException | None) -> bool:
         text = str(orig)
         return "database is locked" in text or "database table is locked" in text
     return False
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or wraps) the store's OptimisticConcurrencyError: retryable,
+    but also what a handler's deterministic mistake looks like (``no_stream()`` on a
+    stream that exists), so the processor retries it only a few times."""
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, errors.OptimisticConcurrencyError):
+            return True
+        current = current.__cause__
+    return False
+
+
+def is_lock_wait(exc: BaseException) -> bool:
+    """SQLite's busy timeout ran out: another writer (a rebuild, say) holds the
+    database. Waiting on is right, so such failures do not use up a retry budget."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    while isinstance(orig, errors.ProjectionError) and orig.__cause__ is not None:
+        cause = orig.__cause__
+        orig = cause.orig if isinstance(cause, sa.exc.DBAPIError) else cause
+    return (
+        orig is not None
+        and type(orig).__module__ == "sqlite3"
+        and type(orig).__name__ == "OperationalError"
+        and "locked" in str(orig)
+    )
 
 
 def describe(exc: BaseException) -> str:
@@ -122,6 +157,9 @@ class RetryPolicy:
     max_backoff: float = 1.0
     multiplier: float = 2.0
     jitter: float = 0.5
+    conflict_attempts: int = 10
+    """Attempts in a row for a batch whose handler's append keeps failing with
+    OptimisticConcurrencyError; then it is the handler's error (a ProjectionError)."""
 
     def __post_init__(self) -> None:
         if self.max_attempts is not None and (
@@ -148,10 +186,17 @@ class RetryPolicy:
             raise errors.ConfigurationError(f"multiplier must be >= 1, got {self.multiplier!r}")
         if not isinstance(self.jitter, int | float) or not 0 <= self.jitter <= 1:
             raise errors.ConfigurationError(f"jitter must be in 0..1, got {self.jitter!r}")
+        conflicts = self.conflict_attempts
+        if isinstance(conflicts, bool) or not isinstance(conflicts, int) or conflicts < 1:
+            raise errors.ConfigurationError(
+                f"conflict_attempts must be an int >= 1, got {conflicts!r}"
+            )
 
     def backoff(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failure in a row (1-based)."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (failures - 1))
+        # The exponent is capped: a float power overflows after ~1,000 failures in a row.
+        growth = self.multiplier ** min(failures - 1, 64)
+        base = min(self.max_backoff, self.initial_backoff * growth)
         return base * (1 - self.jitter * random.random())
 
     def exhausted(self, failures: int, since: float, now: float) -> bool:
@@ -172,18 +217,24 @@ class Retrier:
         self.policy = policy
         self.what = what
         self.failures = 0
+        self.conflicts = 0
         self.since = 0.0
 
     def succeeded(self) -> None:
-        self.failures = 0
+        self.failures = self.conflicts = 0
 
-    def failed(self, exc: BaseException) -> float:
-        """Record a transient failure; the seconds to wait, or raise when exhausted."""
+    def failed(self, exc: Exception) -> float:
+        """Record a transient failure; the seconds to wait. Raises ``exc`` itself once
+        an append conflict has repeated ``conflict_attempts`` times, and
+        DatabaseUnavailableError once the policy is exhausted."""
         now = time.monotonic()
-        if self.failures == 0:
-            self.since = now
+        if self.failures == 0 or is_lock_wait(exc):
+            self.since = now  # waiting for another writer's lock is not an outage
         self.failures += 1
-        if self.policy.exhausted(self.failures, self.since, now):
+        self.conflicts = self.conflicts + 1 if is_conflict(exc) else 0
+        if self.conflicts >= self.policy.conflict_attempts:
+            raise exc
+        if self.policy.exhausted(self.failures, self.since, now) and not is_lock_wait(exc):
             raise errors.DatabaseUnavailableError(
                 f"{self.what}: gave up after {self.failures} attempt(s) over "
                 f"{now - self.since:.1f} s of transient failures; last: {describe(exc)}: "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 import eventsource as es
 from eventsource.processor import lock_projection
@@ -26,6 +26,7 @@ from tests.projection_support import (
     Background,
     append_spread,
     checkpoint,
+    event,
     processor,
     reader,
     wait_readable,
@@ -318,7 +319,9 @@ def test_first_start_with_two_partition_counts_lets_exactly_one_in(
     pg_engine: sa.Engine, store: es.EventStore
 ) -> None:
     """Both processes reach the start-up check while it is held; the check and the first
-    checkpoint are one locked step, so the second sees the first's count."""
+    checkpoint are one locked step, so the second sees the first's count. They use
+    different partition keys (2 of 4, 1 of 3), so no shared checkpoint row can refuse
+    the second one in their place."""
     engine = pg_engine
     with engine.begin() as conn:
         conn.exec_driver_sql(READ_MODEL_DDL)
@@ -332,7 +335,7 @@ def test_first_start_with_two_partition_counts_lets_exactly_one_in(
             Background(
                 functools.partial(
                     processor(
-                        engine, store, partition_key=0, total_partitions=total
+                        engine, store, partition_key=total - 2, total_partitions=total
                     ).run_until_caught_up,
                     Counted(),
                 )
@@ -367,7 +370,9 @@ def test_racing_first_starts_with_two_partition_counts_never_both_run(
         barrier = threading.Barrier(2)
 
         def start(total: int, barrier: threading.Barrier = barrier) -> int:
-            proc = processor(engine, store, partition_key=0, total_partitions=total)
+            # Different keys: no checkpoint row is shared, only the projection's lock
+            # keeps the two from both starting.
+            proc = processor(engine, store, partition_key=total - 2, total_partitions=total)
             barrier.wait(10)
             return proc.run_until_caught_up(Racer())
 
@@ -435,3 +440,124 @@ def test_cli_rebuild_of_a_projection_without_reset_says_so_and_needs_consent(
     refused_reset = cli("reset", "plain", "--app", "plainapp:PROJECTIONS", "--yes")
     assert refused_reset.returncode == 2
     assert "Plain has no reset() method" in refused_reset.stderr
+
+
+# -- inside a caller's transaction ---------------------------------------------------------
+
+
+def test_a_new_projection_in_a_callers_transaction_keeps_that_transaction(
+    ops_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """A sessionmaker bound to the caller's connection (default join mode): creating
+    the first checkpoint must not roll the caller's transaction back."""
+    engine = ops_engine
+    with engine.connect() as conn:
+        outer = conn.begin()
+        sessions = sessionmaker(bind=conn)
+        with sessions() as session:
+            store.append(session, [event("in-tx-1")])
+            store.append(session, [event("in-tx-2")])
+        proc = es.Processor(sessions, store)
+        proc.warn_on_own_transaction = False
+        result = proc.process_batch(Counted())
+        assert result.handled == 2
+        assert outer.is_active
+        rows = conn.execute(sa.text("SELECT count(*) FROM seen")).scalar_one()
+        assert rows == 2
+        outer.rollback()
+    assert checkpoint(engine, "counted") is None  # nothing escaped the caller's rollback
+    assert seen(engine, "counted") == []
+
+
+class Echo(es.Projection):
+    """A reactor: records each order event and appends a reaction to stream echo-1."""
+
+    name = "echo"
+
+    def __init__(self, store: es.EventStore) -> None:
+        self.store = store
+
+    def handle(self, event: es.PersistedEvent, session: Session) -> None:
+        session.execute(
+            sa.text("INSERT INTO seen (projection, global_position) VALUES ('echo', :g)"),
+            {"g": event.global_position},
+        )
+        if event.aggregate_type == "Order":
+            reaction = es.Event(
+                bounded_context="sales",
+                aggregate_type="Echo",
+                aggregate_id="echo-1",
+                event_type="Echoed",
+                payload={"of": event.global_position},
+            )
+            self.store.append(session, [reaction])
+
+    def reset(self, session: Session) -> None:
+        session.execute(sa.text("DELETE FROM seen WHERE projection = 'echo'"))
+
+
+@pytest.mark.postgres
+def test_a_rebuild_whose_handlers_append_never_passes_an_older_open_writer(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """The rebuild's own rows carry its transaction id; reading them while an older
+    write transaction is open would put the checkpoint past that writer's events."""
+    engine = pg_engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql(READ_MODEL_DDL)
+    append_spread(engine, store, 3)
+    wait_readable(engine)
+    with engine.connect() as older:
+        older.begin()
+        store.append(older, [event("late")])  # older id, not committed yet
+        rebuilt = rebuild(engine, Echo(store), batch_size=2)  # a second batch sees own rows
+        assert rebuilt.handled == 3
+        older.commit()
+    while processor(engine, store).run_until_caught_up(Echo(store)):
+        pass  # echoes appended by one catch-up are handled by the next
+    with engine.connect() as conn:
+        orders = conn.execute(
+            sa.text("SELECT global_position FROM events WHERE aggregate_type = 'Order'")
+        ).scalars()
+        echoes = conn.execute(
+            sa.text("SELECT count(*) FROM events WHERE aggregate_type = 'Echo'")
+        ).scalar_one()
+        total = conn.execute(sa.text("SELECT count(*) FROM events")).scalar_one()
+        order_positions = sorted(orders)
+    assert len(order_positions) == 4
+    handled = seen(engine, "echo")
+    assert len(handled) == len(set(handled)) == total  # every event once, "late" included
+    assert set(order_positions) <= set(handled)
+    assert echoes >= 4
+
+
+def test_a_worker_with_a_batch_timeout_waits_out_a_rebuild(
+    ops_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """The statement timeout is set after the batch's lock: waiting for a rebuild is
+    not a stuck batch, and does not use up the retry budget."""
+    engine = ops_engine
+    append_spread(engine, store, 5)
+    wait_readable(engine)
+    short = es.RetryPolicy(initial_backoff=0.01, max_backoff=0.05, budget=0.5)
+    worker = es.Processor(
+        engine, store, es.ProcessorConfig(poll_interval=0.01, batch_timeout=0.2, retry=short)
+    )
+    worker.run_until_caught_up(Counted())  # checkpoint exists
+    append_spread(engine, store, 5, prefix="during")
+    gate = Session(engine)
+    gate.begin()
+    if engine.dialect.name == "postgresql":
+        lock_projection(gate, "counted", store=store)
+    else:
+        gate.execute(sa.text("DELETE FROM seen WHERE 1 = 0"))  # holds SQLite's write lock
+    running = Background(lambda: worker.run_until_caught_up(Counted())).start()
+    try:
+        running.thread.join(1.5)  # three times the budget
+        assert running.alive, running.error
+    finally:
+        gate.rollback()
+        gate.close()
+    running.join(60)
+    assert running.error is None, running.error
+    assert seen(engine, "counted") == list(range(1, 11))

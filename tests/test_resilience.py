@@ -581,3 +581,51 @@ def test_eventsource_run_rides_out_terminated_backends_and_stops_cleanly(
     assert "transient failure" in err
     assert "ProjectionError" not in err
     assert seen(engine) == list(range(1, 41))
+
+
+def test_a_handler_whose_append_always_conflicts_fails_as_its_own_error(
+    engine: sa.Engine, store: es.EventStore
+) -> None:
+    """An OptimisticConcurrencyError inside a handler may be a race (retried) or the
+    handler's mistake, e.g. no_stream() on a stream that exists: after
+    conflict_attempts in a row it is the handler's ProjectionError, not an outage."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(READ_MODEL_DDL)
+    append_spread(engine, store, 2)
+    wait_readable(engine)
+
+    class Mistaken(es.Projection):
+        name = "mistaken"
+        calls = 0
+
+        def handle(self, event: es.PersistedEvent, session: Session) -> None:
+            type(self).calls += 1
+            store.append(session, [event_for("fixed")], es.ExpectedVersion.no_stream())
+
+    def event_for(aggregate_id: str) -> es.Event:
+        return event(aggregate_id, "Noted", aggregate_type="Note")
+
+    with Session(engine) as session, session.begin():
+        store.append(session, [event_for("fixed")])  # the stream exists already
+    policy = es.RetryPolicy(initial_backoff=0.001, max_backoff=0.01, conflict_attempts=3)
+    with pytest.raises(es.ProjectionError) as info:
+        es.Processor(engine, store, config(retry=policy)).run_until_caught_up(Mistaken())
+    assert not isinstance(info.value, es.DatabaseUnavailableError)
+    assert isinstance(info.value.__cause__, es.OptimisticConcurrencyError)
+    assert Mistaken.calls == 3
+
+
+def test_classification_and_backoff_edges() -> None:
+    operational = sa.exc.OperationalError("SELECT 1", {}, Exception("connection reset"))
+    operational.connection_invalidated = True
+    assert retry.is_transient(operational)
+    gave_up = es.DatabaseUnavailableError("gave up", attempts=3)
+    gave_up.__cause__ = operational
+    assert not retry.is_transient(gave_up)  # a verdict is final, whatever it wraps
+    assert retry.is_transient(sa.exc.TimeoutError("QueuePool limit reached"))
+    assert not retry.is_transient(ValueError("a bug"))
+    own = RuntimeError("handler's own error, raised while handling a lost connection")
+    own.__context__ = operational  # implicit chaining is the handler's choice, not a cause
+    assert not retry.is_transient(own)
+    endless = es.RetryPolicy(budget=None, max_backoff=1.0)
+    assert 0.5 <= endless.backoff(5000) <= 1.0  # no overflow after thousands of failures
