@@ -297,8 +297,10 @@ def wait_readable(engine: sa.Engine, *, timeout: float = 30.0) -> None:
     """Wait until a processor may read every committed event (PostgreSQL).
 
     Processors read only below the oldest transaction still running anywhere on the
-    server (DESIGN invariant 2), and other databases' transactions count too: tests
-    that expect exact batches call this first. SQLite needs no wait.
+    server (DESIGN invariant 2), and other databases' transactions count too: under
+    ``pytest -n``, or on a busy server, a foreign write transaction can hold committed
+    events back for a while. Tests that expect exact batches, or need a batch to read
+    an event at a given step, call this first. SQLite needs no wait.
     """
     if engine.dialect.name != "postgresql":
         return
@@ -347,6 +349,16 @@ class Background:
     def join(self, timeout: float = 15.0) -> None:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), f"still running after {timeout} s"
+
+    def finished_within(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; whether the callable returned (or raised) by itself.
+
+        Record this before any clean-up that makes the callable return (``stop()``,
+        committing a blocker...), and assert it after: a clean-up that ends a hang must
+        not let the test pass.
+        """
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
 
     @property
     def alive(self) -> bool:

@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -35,6 +36,7 @@ from tests.projection_support import (
     event,
     processor,
     versions_in_handle_order,
+    wait_readable,
 )
 
 pytestmark = pytest.mark.postgres
@@ -195,6 +197,166 @@ def test_catch_up_does_not_stop_when_the_blocking_transaction_ends_between_polls
     handled = proc.run_until_caught_up(projection)
     assert [r.global_position for r in applied(pg_engine, projection.name)] == [t1.position, p2]
     assert handled == 2
+
+
+# -- out-of-order commits for scoped and partitioned projections ---------------------
+#
+# Staged step by step on separate connections: T1 begins and takes its transaction id,
+# T2 (newer) appends and commits, the processor polls, T1 appends at higher positions
+# than T2's and commits last. The projection wants events on both sides and filters out
+# some of T2's (another aggregate type, or the other partition).
+
+
+def id_in_partition(prefix: str, partition: int, total: int = 2) -> str:
+    """The first id ``prefix-N`` whose FNV-1a hash puts it in ``partition``."""
+    return next(
+        f"{prefix}-{n}" for n in range(1000) if fnv1a_32(f"{prefix}-{n}") % total == partition
+    )
+
+
+class ScopedOrders(LogA):
+    name = "scoped_orders"
+    aggregate_types = ("Order",)
+
+
+class OnePartition(LogB):
+    name = "one_partition"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """A projection, its processor settings, an event it wants and, when it filters,
+    one it does not want (``None``: it wants everything)."""
+
+    projection: Callable[[], es.Projection]
+    config: dict[str, Any]
+    wanted: Callable[[str], es.Event]
+    unwanted: Callable[[str], es.Event] | None
+
+
+SCOPES = {
+    "whole": Scope(LogA, {}, event, None),
+    "scoped": Scope(
+        ScopedOrders,
+        {},
+        lambda name: event(name, aggregate_type="Order"),
+        lambda name: event(name, bounded_context="identity", aggregate_type="User"),
+    ),
+    "partitioned": Scope(
+        lambda: OnePartition(partition=0),
+        {"partition_key": 0, "total_partitions": 2},
+        lambda name: event(id_in_partition(name, 0)),
+        lambda name: event(id_in_partition(name, 1)),
+    ),
+}
+
+
+def begin_with_id(engine: sa.Engine) -> tuple[sa.Connection, sa.RootTransaction]:
+    """T1: begun, its transaction id taken now (older than every transaction after it)."""
+    conn = engine.connect()
+    transaction = conn.begin()
+    conn.execute(sa.text("SELECT pg_current_xact_id()"))
+    return conn, transaction
+
+
+def commit_events(
+    engine: sa.Engine, store: es.EventStore, *events: es.Event
+) -> list[es.PersistedEvent]:
+    """One committed transaction appending each event (each to its own aggregate)."""
+    with Session(engine) as session, session.begin():
+        return [store.append(session, [e]).events[0] for e in events]
+
+
+def assert_handled_once_in_version_order(
+    engine: sa.Engine, name: str, wanted: list[es.PersistedEvent]
+) -> None:
+    """The wanted events, each exactly once, each aggregate's versions in order."""
+    rows = applied(engine, name)  # its primary key refuses a second apply anyway
+    assert sorted(r.global_position for r in rows) == sorted(e.global_position for e in wanted)
+    assert_versions_in_order(rows)
+    by_aggregate: dict[str, list[int]] = {}
+    for e in wanted:
+        by_aggregate.setdefault(e.aggregate_id, []).append(e.aggregate_version)
+    assert versions_in_handle_order(rows) == by_aggregate
+    found = checkpoint(engine, name)
+    assert found is not None
+    assert found.events_handled == len(wanted)
+
+
+@pytest.mark.parametrize("scope", list(SCOPES))
+def test_an_older_transaction_that_appends_last_is_read_before_the_newer_one(
+    pg_engine: sa.Engine, store: es.EventStore, scope: str
+) -> None:
+    """Events are read in (transaction id, position) order, not in position order.
+
+    T1 (older id) appends A v2 after T2's B v1, at a higher position. Read by position, B
+    would move the checkpoint past A v2, which would be skipped (batches of one: each
+    batch starts from the last one's checkpoint; larger batches would handle B twice).
+    """
+    spec = SCOPES[scope]
+    create_applied_table(pg_engine)
+    projection = spec.projection()
+    proc = processor(pg_engine, store, batch_size=1, **spec.config)
+    wanted = commit_events(pg_engine, store, spec.wanted("a"))
+    wait_readable(pg_engine)  # A v1 is read now, whatever else runs on the server
+    assert proc.run_until_caught_up(projection) == 1
+
+    t1, t1_transaction = begin_with_id(pg_engine)
+    try:
+        t2 = commit_events(
+            pg_engine,
+            store,
+            spec.wanted("b"),
+            *([] if spec.unwanted is None else [spec.unwanted("c")]),
+        )
+        assert proc.process_batch(projection).handled == 0  # T1 is older and still open
+        a2 = store.append(t1, [spec.wanted("a")], es.ExpectedVersion.exact(1)).events[0]
+        assert a2.global_position > max(e.global_position for e in t2)
+        t1_transaction.commit()
+    finally:
+        t1.close()
+    wanted += [a2, *(t2 if spec.unwanted is None else t2[:1])]
+    # Both transactions readable at once: the next batch could take either event first.
+    wait_readable(pg_engine)
+    proc.run_until_caught_up(projection)
+    assert_handled_once_in_version_order(pg_engine, projection.name, wanted)
+    # In transaction order: T1 took its id before T2.
+    handled = sorted(applied(pg_engine, projection.name), key=lambda row: row.seq)
+    assert [row.global_position for row in handled] == [e.global_position for e in wanted]
+
+
+@pytest.mark.parametrize("scope", ["scoped", "partitioned"])
+def test_filtered_out_events_never_move_the_checkpoint_past_an_open_transaction(
+    pg_engine: sa.Engine, store: es.EventStore, scope: str
+) -> None:
+    """Filtered-out events move the checkpoint only as far as what is readable.
+
+    T2's events, unwanted and committed while T1 is open, must not carry the checkpoint
+    past T1's id: T1's wanted events (one before T2's positions, one after) commit after
+    the poll and would sort before that checkpoint, skipped for good.
+    """
+    spec = SCOPES[scope]
+    assert spec.unwanted is not None
+    create_applied_table(pg_engine)
+    projection = spec.projection()
+    proc = processor(pg_engine, store, **spec.config)
+    wanted = commit_events(pg_engine, store, spec.wanted("a"))
+    wait_readable(pg_engine)  # A v1 is read now, whatever else runs on the server
+    assert proc.run_until_caught_up(projection) == 1
+
+    t1, t1_transaction = begin_with_id(pg_engine)
+    try:
+        a2 = store.append(t1, [spec.wanted("a")], es.ExpectedVersion.exact(1)).events[0]
+        t2 = commit_events(pg_engine, store, spec.unwanted("c"), spec.unwanted("d"))
+        # Nothing wanted is readable: only the horizon could move the checkpoint now.
+        assert proc.process_batch(projection).handled == 0
+        b1 = store.append(t1, [spec.wanted("b")]).events[0]
+        assert a2.global_position < t2[0].global_position < b1.global_position
+        t1_transaction.commit()
+    finally:
+        t1.close()
+    proc.run_until_caught_up(projection)
+    assert_handled_once_in_version_order(pg_engine, projection.name, [*wanted, a2, b1])
 
 
 # -- DESIGN invariant 3: an older transaction cannot append behind a newer one -------

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 import eventsource as es
-from tests.projection_support import append_spread, checkpoint, event, processor
+from tests.projection_support import append_spread, checkpoint, event, processor, wait_readable
 
 UPSERT = sa.text("INSERT INTO seen (position, aggregate_id) VALUES (:position, :aggregate_id)")
 
@@ -56,6 +56,7 @@ def test_handle_batch_gets_whole_batches_exactly_once(
     engine: sa.Engine, store: es.EventStore
 ) -> None:
     stored = append_spread(engine, store, 250)
+    wait_readable(engine)  # batches of exactly 100, not cut short by a foreign transaction
     projection = BulkSeen()
     handled = processor(engine, store, batch_size=100).run_until_caught_up(projection)
     assert handled == 250
@@ -72,6 +73,7 @@ def test_a_failing_handle_batch_rolls_back_its_batch_and_names_the_range(
 ) -> None:
     stored = append_spread(engine, store, 250)
     positions = [e.global_position for e in stored]
+    wait_readable(engine)  # batches of exactly 100, not cut short by a foreign transaction
     failing = BulkSeen(fail_at=positions[157])
     with pytest.raises(es.ProjectionError) as caught:
         processor(engine, store, batch_size=100).run_until_caught_up(failing)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from types import MappingProxyType
 
 import pytest
@@ -10,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 import eventsource as es
-from tests.projection_support import event
+from tests.projection_support import Background, event, wait_readable
 
 pytestmark = pytest.mark.postgres
 
@@ -41,12 +40,16 @@ def test_a_handler_that_appends_never_makes_a_scoped_projection_skip_events(
 ) -> None:
     with Session(pg_engine) as session, session.begin():
         store.append(session, [event("o1", aggregate_type="Order")])
+    # The batch below must read o1 while the writer is open: a write transaction of
+    # another test or database could otherwise hold o1 back past that step.
+    wait_readable(pg_engine)
     projection = ShipOrders(store)
     processor = es.Processor(pg_engine, store, es.ProcessorConfig(batch_size=10))
     with pg_engine.connect() as writer:
         late = writer.begin()
         writer.exec_driver_sql("SELECT pg_current_xact_id()")  # takes its id now
-        processor.process_batch(projection)  # handles o1, appends a shipment (newer id)
+        # Handles o1 and appends a shipment (an id newer than the writer's).
+        assert processor.process_batch(projection).handled == 1
         store.append(writer, [event("o2", aggregate_type="Order")])
         late.commit()
     processor.run_until_caught_up(projection)
@@ -74,19 +77,16 @@ def test_catch_up_inside_a_written_transaction_returns_and_leaves_newer_rows_for
         processor = es.Processor(sessions, store)
         processor.warn_on_own_transaction = False
         inside = Seen()
-        done = threading.Event()
-
-        def catch_up() -> None:
-            processor.run_until_caught_up(inside)
-            done.set()
-
-        thread = threading.Thread(target=catch_up, daemon=True)
-        thread.start()
-        thread.join(15)
-        if not done.is_set():
+        catching_up = Background(lambda: processor.run_until_caught_up(inside)).start()
+        # Whether it returned by itself, recorded before the clean-up: stop() would make a
+        # hung catch-up return too.
+        returned = catching_up.finished_within(15)
+        if not returned:
             processor.stop()
-            thread.join(5)
-        assert done.is_set(), "run_until_caught_up waited for a transaction newer than its own"
+            catching_up.join(5)
+        assert returned, "run_until_caught_up waited for a transaction newer than its own"
+        assert catching_up.error is None, catching_up.error
+        assert catching_up.result == 1
         assert inside.ids == ["mine"]
         outer.rollback()
     later = Seen()

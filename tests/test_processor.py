@@ -391,7 +391,7 @@ def test_an_open_batch_that_has_not_written_holds_no_other_projection_back(
 
         def handle(self, event: es.PersistedEvent, session: Session) -> None:
             self.inside.set()
-            assert self.release.wait(30)
+            assert self.release.wait(120)
 
     class Fast(es.Projection):
         name = "fast"
@@ -406,17 +406,27 @@ def test_an_open_batch_that_has_not_written_holds_no_other_projection_back(
     publisher = Publisher()
     publishing = es.Processor(pg_engine, store, es.ProcessorConfig(batch_size=1))
     publisher.release.set()
-    publishing.process_batch(publisher)  # its checkpoint row exists from now on
+    # Its checkpoint row exists from now on (creating it is a write). Wait first: a write
+    # transaction elsewhere on the server may hold the event back for a while.
+    wait_readable(pg_engine)
+    assert publishing.process_batch(publisher).handled == 1
     publisher.release.clear()
     second = append_spread(pg_engine, store, 1, prefix="second")
+    wait_readable(pg_engine)  # so the next batch reads it and stays open in handle()
     slow = Background(lambda: publishing.process_batch(publisher)).start()
     try:
         assert publisher.inside.wait(30)
         third = append_spread(pg_engine, store, 1, prefix="third")  # committed meanwhile
         fast = Fast()
-        es.Processor(pg_engine, store).run_until_caught_up(fast)  # returns: nothing held
-        assert fast.positions == [e.global_position for e in first + second + third]
+        catching_up = Background(lambda: es.Processor(pg_engine, store).run_until_caught_up(fast))
+        # Generous: a foreign transaction may delay it a little, the open batch must not.
+        returned = catching_up.start().finished_within(30)
+        still_open = slow.alive
     finally:
         publisher.release.set()
         slow.join(30)
+    assert returned, "catch-up waited for a batch that has not written"
+    assert still_open, "the slow batch ended before the fast catch-up: nothing was proven"
+    assert catching_up.error is None, catching_up.error
+    assert fast.positions == [e.global_position for e in first + second + third]
     assert slow.error is None
