@@ -2,11 +2,13 @@
 
 A restore into a cluster whose counter is behind is simulated on the shared server by
 moving stored ids far above its counter in one UPDATE (whose transaction then marks
-every row, as a restore's COPY does), and done for real once: ``pg_dump`` from the
-shared server, ``pg_restore`` into a throwaway cluster (tests/pg_cluster.py), and
-``eventsource db rebase`` through the installed command. Every projection writes an
-insert-only read model keyed by (projection, event id), so an event handled twice
-fails the batch, and one never handled is missing from it.
+every row, as a restore's COPY does), and done for real: ``pg_dump`` from the shared
+server, ``pg_restore`` into a throwaway cluster (tests/pg_cluster.py), and
+``eventsource db rebase`` through the installed command. The server's counter passing
+the restored ids later (before anyone rebases) is done by burning transaction ids; a
+worker that kept running through the restore, by writing its batches by hand. Every
+projection writes an insert-only read model keyed by (projection, event id), so an
+event handled twice fails the batch, and one never handled is missing from it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from tests.pg_cluster import (
 TIMEOUT = 120
 #: How far a simulated restore moves ids above the server's counter.
 AHEAD = 10**9
+#: How far behind the cluster of a restore that its counter later overtakes is (other
+#: tests may use ids meanwhile: with a margin, the appends after it still get ids below).
+MARGIN = 20_000
 
 HANDLED_DDL = """
 CREATE TABLE handled (
@@ -110,6 +115,12 @@ class Late(Recorder):
     name = "late"
 
 
+class Running(Recorder):
+    """A worker that kept running through the restore (its batches written by hand)."""
+
+    name = "running"
+
+
 ALL = (Everything(), AtAnId(), Between(), Orders(), Split(), Zero(), Late())
 
 
@@ -173,8 +184,8 @@ def build_history(engine: sa.Engine) -> None:
     processor(engine, batch_size=1, partition_key=1, total_partitions=2).process_batch(Split())
 
 
-def catch_up(engine: sa.Engine) -> None:
-    for projection in ALL:
+def catch_up(engine: sa.Engine, projections: tuple[Recorder, ...] = ALL) -> None:
+    for projection in projections:
         if isinstance(projection, Split):
             for key in (0, 1):
                 processor(engine, partition_key=key, total_partitions=2).run_until_caught_up(
@@ -184,12 +195,14 @@ def catch_up(engine: sa.Engine) -> None:
             processor(engine).run_until_caught_up(projection)
 
 
-def assert_each_event_handled_once(engine: sa.Engine) -> None:
+def assert_each_event_handled_once(
+    engine: sa.Engine, projections: tuple[Recorder, ...] = ALL
+) -> None:
     """Every projection has handled every event in its scope, once (the key forbids twice)."""
     with engine.connect() as conn:
         events = conn.exec_driver_sql("SELECT event_id, aggregate_type FROM events").all()
         handled = conn.exec_driver_sql("SELECT projection, event_id FROM handled").all()
-    for projection in ALL:
+    for projection in projections:
         wanted = {
             row.event_id
             for row in events
@@ -263,8 +276,51 @@ def next_transaction_id(engine: sa.Engine) -> int:
         )
 
 
-def simulate_restore(engine: sa.Engine, *, from_id: int = 0, cluster_id: int | None = None) -> None:
-    """Ids at or above ``from_id`` jump AHEAD, as if restored into a cluster that far behind.
+def restore_behind(engine: sa.Engine, *, cluster_id: int | None = 12345) -> int:
+    """A restore into a cluster :data:`MARGIN` transactions behind: every stored id moves
+    to at least this server's next one plus MARGIN. Returns the highest restored id."""
+    lowest = min(transaction_ids(engine).values())
+    simulate_restore(
+        engine, cluster_id=cluster_id, ahead=next_transaction_id(engine) + MARGIN - lowest
+    )
+    return max(transaction_ids(engine).values())
+
+
+def overtake(server: PostgresServer, engine: sa.Engine, restored_max: int) -> None:
+    """This server's counter passes every restored id: none is ahead any more."""
+    burn_transaction_ids(server, restored_max)
+    assert next_transaction_id(engine) > restored_max
+
+
+def batch_by_hand(engine: sa.Engine, projection: str, positions: list[int]) -> None:
+    """Commit what one batch of a worker that kept running through the restore would:
+    its read-model rows for ``positions`` (in its read order) and its checkpoint on the
+    last one. Written directly, as a worker without today's checks did."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO handled (projection, event_id, global_position) "
+                "SELECT :name, event_id, global_position FROM events "
+                "WHERE global_position = ANY(:positions)"
+            ),
+            {"name": projection, "positions": positions},
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE projection_checkpoints AS c "
+                "SET transaction_id = e.transaction_id::text::bigint, "
+                "global_position = e.global_position "
+                "FROM events AS e WHERE e.global_position = :last "
+                "AND c.projection_name = :name AND c.partition_key = 0"
+            ),
+            {"name": projection, "last": positions[-1]},
+        )
+
+
+def simulate_restore(
+    engine: sa.Engine, *, from_id: int = 0, cluster_id: int | None = None, ahead: int = AHEAD
+) -> None:
+    """Ids at or above ``from_id`` jump ``ahead``, as if restored into a cluster that far behind.
 
     One transaction rewrites every row (moved or not), so all share its xmin, like the
     rows of a restore's COPY.
@@ -273,7 +329,7 @@ def simulate_restore(engine: sa.Engine, *, from_id: int = 0, cluster_id: int | N
         "CASE WHEN transaction_id::text::bigint >= :from_id "
         "THEN transaction_id::text::bigint + :ahead ELSE transaction_id::text::bigint END"
     )
-    params = {"from_id": from_id, "ahead": AHEAD}
+    params = {"from_id": from_id, "ahead": ahead}
     with engine.begin() as conn:
         for table in ("events", "aggregate_heads"):
             conn.execute(
@@ -533,6 +589,271 @@ def test_restored_rows_after_the_last_ahead_one_stay_covered(pg_engine: sa.Engin
     assert processor(pg_engine).run_until_caught_up(Everything()) == 1  # only n1
 
 
+# -- a counter that overtook the restored ids; workers that kept running ---------------
+
+
+def nonzero_checkpoints(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM projection_checkpoints WHERE transaction_id <> 0"
+            ).scalar_one()
+        )
+
+
+def checkpoint_of(engine: sa.Engine, name: str) -> tuple[int, int]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text(
+                "SELECT transaction_id, global_position FROM projection_checkpoints "
+                "WHERE projection_name = :name AND partition_key = 0"
+            ),
+            {"name": name},
+        ).one()
+    return int(row[0]), int(row[1])
+
+
+@pytest.mark.postgres
+def test_restored_ids_the_counter_overtook_are_still_refused_then_rebased(
+    pg_server: PostgresServer, pg_engine: sa.Engine, pg_url: sa.URL
+) -> None:
+    """Appends to new aggregates go on while workers are refused; once the counter passes
+    the restored ids, those events still sort before the restored checkpoints."""
+    build_history(pg_engine)
+    check(pg_engine)
+    before = covered(pg_engine)
+    restored_max = restore_behind(pg_engine)
+    with pytest.raises(es.TransactionIdsAheadError):
+        check(pg_engine)
+    appended = [append(pg_engine, f"n{i}").events[0].global_position for i in range(5)]
+    ids = transaction_ids(pg_engine)
+    assert max(ids[p] for p in appended) < min(ids[p] for p in range(1, 8))
+    overtake(pg_server, pg_engine, restored_max)  # a crash-looping supervisor, much later
+
+    for record in (True, False):
+        with pytest.raises(es.TransactionIdsAheadError, match="`eventsource db rebase`") as info:
+            check(pg_engine, record=record)
+        assert "recorded cluster 12345" in str(info.value)
+        assert "'everything'" in str(info.value)
+    assert recorded_cluster(pg_engine) == 12345  # not re-recorded as consistent
+    with pytest.raises(es.TransactionIdsAheadError, match="eventsource db rebase"):
+        status(pg_engine)  # instead of showing no lag
+    with pytest.raises(es.TransactionIdsAheadError, match="eventsource db rebase"):
+        processor(pg_engine).run_until_caught_up(Everything())
+    done = cli(pg_url, "status")
+    assert done.returncode == 1
+    assert "eventsource db rebase" in done.stderr
+
+    result = cluster.rebase(pg_engine)
+
+    assert (result.events, result.kept_events, result.kept_checkpoints) == (7, 5, 0)
+    assert result.projection_checkpoints == nonzero_checkpoints(pg_engine)
+    check(pg_engine)
+    assert recorded_cluster(pg_engine) == this_cluster(pg_engine)
+    assert covered(pg_engine) == before  # none covers an event appended since
+    after = transaction_ids(pg_engine)
+    assert all(after[p] == ids[p] for p in appended)  # kept, after every restored one
+    assert max(after[p] for p in range(1, 8)) < min(after[p] for p in appended)
+    assert_versions_in_read_order(pg_engine)
+    catch_up(pg_engine)
+    assert_each_event_handled_once(pg_engine)
+    assert all(row.lag == 0 for row in status(pg_engine))
+    assert not cluster.rebase(pg_engine).rebased
+
+
+@pytest.mark.postgres
+def test_a_checkpoint_on_events_appended_since_the_restore_keeps_its_place(
+    pg_server: PostgresServer, pg_engine: sa.Engine
+) -> None:
+    """A worker that kept running read past every restored event onto ones appended
+    since: its checkpoint already means the same after the rebase, so it is not moved."""
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(HANDLED_DDL)
+    projections = (Everything(), Running())
+    processor(pg_engine).run_until_caught_up(Running())  # (0, 0): kept running since
+    append(pg_engine, "o1", 2)
+    append(pg_engine, "o2")
+    processor(pg_engine).run_until_caught_up(Everything())
+    check(pg_engine)
+    restored_max = restore_behind(pg_engine)
+    below = append(pg_engine, "n0").events[0].global_position  # an id below the restored
+    overtake(pg_server, pg_engine, restored_max)
+    above = append(pg_engine, "n1").events[0].global_position
+    # Its reads once nothing was ahead, in (id, position) order: n0, o1, o1, o2, n1.
+    batch_by_hand(pg_engine, "running", [below, 1, 2, 3, above])
+    running = checkpoint_of(pg_engine, "running")
+    assert running[1] == above
+    # By (id, position), Everything's restored checkpoint is past n0, which it never read.
+    assert covered(pg_engine)[("everything", 0)] == {1, 2, 3, below}
+    with pytest.raises(es.TransactionIdsAheadError, match="'everything'"):
+        check(pg_engine)
+
+    result = cluster.rebase(pg_engine)
+
+    assert (result.events, result.kept_events) == (3, 2)
+    assert (result.projection_checkpoints, result.kept_checkpoints) == (1, 1)
+    assert "kept 1 checkpoint(s)" in result.summary()
+    assert checkpoint_of(pg_engine, "running") == running  # exactly where it was
+    assert covered(pg_engine) == {
+        ("everything", 0): {1, 2, 3},  # what it handled
+        ("running", 0): {1, 2, 3, below, above},
+    }
+    check(pg_engine)
+    catch_up(pg_engine, projections)
+    assert_each_event_handled_once(pg_engine, projections)
+
+
+@pytest.mark.postgres
+def test_a_worker_that_read_events_appended_during_the_restore_is_refused_cleanly(
+    pg_engine: sa.Engine, pg_url: sa.URL
+) -> None:
+    """The review's case: with restored ids still ahead, a running worker handled events
+    appended since. Its checkpoint covers those but not the restored events ahead of it,
+    while another projection's covers those restored ones but not the new: no order of
+    the events keeps both places, so the rebase refuses, writing nothing."""
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(HANDLED_DDL)
+    projections = (Everything(), Running())
+    first = append(pg_engine, "o1").events[0]
+    processor(pg_engine).run_until_caught_up(Running())
+    append(pg_engine, "o2")
+    processor(pg_engine).run_until_caught_up(Everything())
+    check(pg_engine)
+    # o2's id and the checkpoint on it jump ahead; o1's and Running's stay below.
+    simulate_restore(pg_engine, from_id=transaction_ids(pg_engine)[2])
+    assert checkpoint_of(pg_engine, "running")[0] == transaction_ids(pg_engine)[1]
+    appended = [append(pg_engine, f"n{i}").events[0].global_position for i in (1, 2, 3)]
+    batch_by_hand(pg_engine, "running", appended)  # handled 3, 4, 5; its checkpoint on 5
+    written = stored_ids(pg_engine)
+
+    with pytest.raises(
+        es.TransactionIdsAheadError,
+        match=r"cannot rebase.*'running' partition 0.*eventsource reset running.*nothing was",
+    ):
+        cluster.rebase(pg_engine)
+    assert stored_ids(pg_engine) == written
+    done = cli(pg_url, "db", "rebase", "--yes")
+    assert done.returncode == 1
+    assert "'running' partition 0" in done.stderr
+    assert stored_ids(pg_engine) == written
+
+    # What the message says: reset it (checkpoint and read model), rebase, replay.
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM projection_checkpoints WHERE projection_name = 'running'")
+        conn.exec_driver_sql("DELETE FROM handled WHERE projection = 'running'")
+    result = cluster.rebase(pg_engine)
+    assert (result.events, result.kept_events, result.kept_checkpoints) == (2, 3, 0)
+    check(pg_engine)
+    assert first.global_position == 1
+    catch_up(pg_engine, projections)
+    assert_each_event_handled_once(pg_engine, projections)
+
+
+@pytest.mark.postgres
+def test_a_worker_stopped_on_a_restored_event_after_new_ones_is_refused_cleanly(
+    pg_server: PostgresServer, pg_engine: sa.Engine
+) -> None:
+    """Running once the counter had overtaken the restored ids, a worker read an event
+    appended since (its id is lower) and stopped on a restored one: rebasing the restored
+    ids below every new one would make it read that event again."""
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(HANDLED_DDL)
+    processor(pg_engine).run_until_caught_up(Running())
+    append(pg_engine, "o1")
+    append(pg_engine, "o2")
+    processor(pg_engine).run_until_caught_up(Everything())
+    check(pg_engine)
+    restored_max = restore_behind(pg_engine)
+    below = append(pg_engine, "n0").events[0].global_position
+    overtake(pg_server, pg_engine, restored_max)
+    batch_by_hand(pg_engine, "running", [below, 1])  # n0, then o1: stopped on o1
+    written = stored_ids(pg_engine)
+    with pytest.raises(
+        es.TransactionIdsAheadError, match=r"cannot rebase.*'running' partition 0.*nothing was"
+    ):
+        cluster.rebase(pg_engine)
+    assert stored_ids(pg_engine) == written
+
+
+def simulate_restore_row_by_row(engine: sa.Engine, *, from_id: int) -> None:
+    """As ``pg_dump --inserts`` restored without ``--single-transaction``: each event
+    row inserted by a transaction of its own (ids at or above ``from_id`` moved ahead)."""
+    moved = (
+        "CAST(CAST(CASE WHEN transaction_id::text::bigint >= :from_id "
+        "THEN transaction_id::text::bigint + :ahead ELSE transaction_id::text::bigint END "
+        "AS text) AS xid8)"
+    )
+    params = {"from_id": from_id, "ahead": AHEAD}
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE dumped AS SELECT * FROM events")
+        conn.execute(sa.text(f"UPDATE dumped SET transaction_id = {moved}"), params)
+        conn.execute(sa.text(f"UPDATE aggregate_heads SET transaction_id = {moved}"), params)
+        conn.execute(
+            sa.text(
+                "UPDATE projection_checkpoints SET transaction_id = transaction_id + :ahead "
+                "WHERE transaction_id <> 0 AND transaction_id >= :from_id"
+            ),
+            params,
+        )
+        conn.exec_driver_sql("DELETE FROM events")
+        positions = conn.exec_driver_sql("SELECT global_position FROM dumped").scalars().all()
+    for position in positions:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO events SELECT * FROM dumped WHERE global_position = :p"),
+                {"p": position},
+            )
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE dumped")
+
+
+def out_of_order_history(engine: sa.Engine) -> None:
+    """o2 o3 o4, where o4 (the last position) has the older id, o2's; all handled."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(HANDLED_DDL)
+    with Session(engine) as older, older.begin():
+        es.EventStore().append(older, [event("o2")])
+        append(engine, "o3")
+        es.EventStore().append(older, [event("o4")])
+    processor(engine).run_until_caught_up(Everything())
+    ids = transaction_ids(engine)
+    assert ids[3] == ids[1] < ids[2]
+
+
+@pytest.mark.postgres
+def test_events_restored_one_transaction_per_row_are_refused(pg_engine: sa.Engine) -> None:
+    """Restored rows are told from later ones by the restore's xmin: with a transaction
+    per row o4 (restored, its id not ahead) looks like n1 (appended since), so the
+    rebase says so instead of misplacing it."""
+    out_of_order_history(pg_engine)
+    simulate_restore_row_by_row(pg_engine, from_id=transaction_ids(pg_engine)[2])  # o3
+    append(pg_engine, "n1")
+    written = stored_ids(pg_engine)
+    with pytest.raises(
+        es.TransactionIdsAheadError, match=r"more than one transaction.*--single-transaction"
+    ):
+        cluster.rebase(pg_engine)
+    assert stored_ids(pg_engine) == written
+
+
+@pytest.mark.postgres
+def test_events_restored_row_by_row_with_none_appended_since_are_rebased(
+    pg_engine: sa.Engine,
+) -> None:
+    """When the last event's id is ahead too, no event follows the restored ones to be
+    told apart: every event came with the restore (into a cluster far behind, the usual
+    case), and the rebase goes ahead."""
+    out_of_order_history(pg_engine)
+    before = covered(pg_engine)
+    simulate_restore_row_by_row(pg_engine, from_id=0)  # every id ahead
+    result = cluster.rebase(pg_engine)
+    assert (result.events, result.kept_events, result.projection_checkpoints) == (3, 0, 1)
+    assert covered(pg_engine) == before
+    check(pg_engine)
+    append(pg_engine, "n1")
+    assert processor(pg_engine).run_until_caught_up(Everything()) == 1
+
+
 @pytest.mark.postgres
 def test_rebase_with_nothing_ahead_writes_nothing(pg_engine: sa.Engine) -> None:
     build_history(pg_engine)
@@ -567,17 +888,9 @@ def test_rebase_refuses_when_the_new_ids_do_not_fit(pg_engine: sa.Engine, pg_url
     simulate_restore(pg_engine)
     append(pg_engine, "n1")
     with pg_engine.begin() as conn:
-        # As if this cluster had handed out only a few ids before that append, and more
-        # distinct checkpoint ids than fit below it (each needs two).
-        conn.exec_driver_sql("UPDATE events SET transaction_id = '10' WHERE aggregate_id = 'n1'")
-        conn.execute(
-            sa.text(
-                "INSERT INTO projection_checkpoints (projection_name, partition_key, "
-                "total_partitions, transaction_id, global_position, updated_at) "
-                "SELECT 'wide', k, 5, :ahead + k, 1, now() FROM generate_series(0, 4) AS k"
-            ),
-            {"ahead": AHEAD},
-        )
+        # As if this cluster had handed out only a few ids before that append, fewer
+        # than the distinct checkpoint ids need below it (each needs two).
+        conn.exec_driver_sql("UPDATE events SET transaction_id = '5' WHERE aggregate_id = 'n1'")
     written = stored_ids(pg_engine)
     with pytest.raises(es.TransactionIdsAheadError, match=r"cannot rebase.*nothing was written"):
         cluster.rebase(pg_engine)
@@ -585,7 +898,7 @@ def test_rebase_refuses_when_the_new_ids_do_not_fit(pg_engine: sa.Engine, pg_url
     done = cli(pg_url, "db", "rebase", "--yes")
     assert done.returncode == 1
     assert "cannot rebase" in done.stderr
-    assert "events appended since the restore already use ids from 10" in done.stderr
+    assert "events appended since the restore already use ids from 5" in done.stderr
     assert stored_ids(pg_engine) == written
 
 
@@ -600,7 +913,7 @@ def test_checkpoints_ahead_without_any_event_ahead_are_refused(pg_engine: sa.Eng
             " 1, now())"
         )
     written = stored_ids(pg_engine)
-    with pytest.raises(es.TransactionIdsAheadError, match="no event's is"):
+    with pytest.raises(es.TransactionIdsAheadError, match=r"'p' partition 0.*no stored event"):
         cluster.rebase(pg_engine)
     assert stored_ids(pg_engine) == written
 
@@ -644,9 +957,11 @@ def other_cluster(pg_server: PostgresServer) -> Iterator[tuple[Path, sa.Engine]]
         pytest.skip(str(exc))
 
 
-def burn_transaction_ids(server: PostgresServer, until: int) -> None:
-    """Advance the shared server's counter past ``until`` (one id per committed loop)."""
-    with server.admin.connect() as conn:  # autocommit: the DO block may COMMIT
+def burn_transaction_ids(server: PostgresServer | sa.Engine, until: int) -> None:
+    """Advance a server's counter past ``until`` (one id per committed loop); an Engine
+    must be in autocommit mode."""
+    admin = server.admin if isinstance(server, PostgresServer) else server
+    with admin.connect() as conn:  # autocommit: the DO block may COMMIT
         conn.exec_driver_sql("SET synchronous_commit = off")
         while True:
             next_id = int(
@@ -667,29 +982,14 @@ def libpq_url(url: sa.URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-@pytest.mark.postgres
-def test_dump_restore_into_a_cluster_behind_then_rebase(
-    pg_server: PostgresServer,
-    pg_url: sa.URL,
-    pg_engine: sa.Engine,
-    other_cluster: tuple[Path, sa.Engine],
-    tmp_path: Path,
-) -> None:
-    started = time.monotonic()
-    bindir, other_admin = other_cluster
-    # The shared server's ids must be ahead of everything the other cluster will hand
-    # out during the test (a restore takes a few dozen).
-    burn_transaction_ids(pg_server, next_transaction_id(other_admin) + 5_000)
-    build_history(pg_engine)
-    check(pg_engine)
-    shared_cluster = this_cluster(pg_engine)
-    assert recorded_cluster(pg_engine) == shared_cluster
-    expected_covered = covered(pg_engine)
-    pg_engine.dispose()
-
+def dump_and_restore(
+    bindir: Path, source: sa.URL, other_admin: sa.Engine, tmp_path: Path
+) -> sa.URL:
+    """``pg_dump -Fc`` the source database, ``pg_restore`` it into a new database of the
+    other cluster (one COPY per table, as by default); returns that database's URL."""
     dump = tmp_path / "store.dump"
     subprocess.run(
-        [str(bindir / "pg_dump"), "-Fc", "-f", str(dump), "--dbname", libpq_url(pg_url)],
+        [str(bindir / "pg_dump"), "-Fc", "-f", str(dump), "--dbname", libpq_url(source)],
         check=True,
         capture_output=True,
         timeout=TIMEOUT,
@@ -711,6 +1011,29 @@ def test_dump_restore_into_a_cluster_behind_then_rebase(
         capture_output=True,
         timeout=TIMEOUT,
     )
+    return restored_url
+
+
+@pytest.mark.postgres
+def test_dump_restore_into_a_cluster_behind_then_rebase(
+    pg_server: PostgresServer,
+    pg_url: sa.URL,
+    pg_engine: sa.Engine,
+    other_cluster: tuple[Path, sa.Engine],
+    tmp_path: Path,
+) -> None:
+    started = time.monotonic()
+    bindir, other_admin = other_cluster
+    # The shared server's ids must be ahead of everything the other cluster will hand
+    # out during the test (a restore takes a few dozen).
+    burn_transaction_ids(pg_server, next_transaction_id(other_admin) + 5_000)
+    build_history(pg_engine)
+    check(pg_engine)
+    shared_cluster = this_cluster(pg_engine)
+    assert recorded_cluster(pg_engine) == shared_cluster
+    expected_covered = covered(pg_engine)
+    pg_engine.dispose()
+    restored_url = dump_and_restore(bindir, pg_url, other_admin, tmp_path)
     engine = es.create_engine(restored_url)
     try:
         assert this_cluster(engine) != shared_cluster
@@ -749,6 +1072,53 @@ def test_dump_restore_into_a_cluster_behind_then_rebase(
     finally:
         engine.dispose()
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.postgres
+def test_dump_restore_into_a_cluster_behind_overtaken_before_the_rebase(
+    pg_server: PostgresServer,
+    pg_url: sa.URL,
+    pg_engine: sa.Engine,
+    other_cluster: tuple[Path, sa.Engine],
+    tmp_path: Path,
+) -> None:
+    """For real: events appended while the restored ids were ahead, then the counter
+    passed them all before anyone ran the rebase."""
+    bindir, other_admin = other_cluster
+    burn_transaction_ids(pg_server, next_transaction_id(other_admin) + 5_000)
+    build_history(pg_engine)
+    check(pg_engine)
+    expected_covered = covered(pg_engine)
+    pg_engine.dispose()
+    restored_url = dump_and_restore(bindir, pg_url, other_admin, tmp_path)
+    engine = es.create_engine(restored_url)
+    try:
+        restored_max = max(transaction_ids(engine).values())
+        with pytest.raises(es.TransactionIdsAheadError):
+            check(engine)
+        append(engine, "n1", 2)
+        burn_transaction_ids(other_admin, restored_max)
+        assert next_transaction_id(engine) > restored_max
+
+        with pytest.raises(es.TransactionIdsAheadError, match="`eventsource db rebase`"):
+            check(engine)
+        with pytest.raises(es.TransactionIdsAheadError, match="eventsource db rebase"):
+            status(engine)
+        done = cli(restored_url, "db", "rebase", "--yes")
+        assert done.returncode == 0, done.stderr
+        assert "rebased the transaction ids of 7 event(s)" in done.stdout
+        assert "kept 2 event(s)" in done.stdout
+
+        check(engine)
+        assert recorded_cluster(engine) == this_cluster(engine)
+        assert covered(engine) == expected_covered
+        assert_versions_in_read_order(engine)
+        append(engine, "o1")
+        catch_up(engine)
+        assert_each_event_handled_once(engine)
+        assert all(row.lag == 0 for row in status(engine))
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.postgres
