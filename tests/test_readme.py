@@ -36,3 +36,10 @@ def run_block(code: str, cwd: Path) -> str:
 
 def test_the_retrying_command_snippet_runs(tmp_path: Path) -> None:
     assert run_block(block_containing("run_in_transaction"), tmp_path).split() == ["1", "2"]
+
+
+def test_the_quick_start_runs_twice_in_an_empty_folder(tmp_path: Path) -> None:
+    quick_start = block_containing("es.upgrade(engine)  # the library's Alembic migrations")
+    for _ in range(2):  # a second run in the same folder works too
+        lines = run_block(quick_start, tmp_path).splitlines()
+        assert lines == ["2", "2 ['UserCreated', 'EmailChanged']"]
