@@ -937,6 +937,11 @@ class _Queries:
             # checkpoint moves onto rows written after it.
             newest_id = sa.select(sa.func.max(ev.c.transaction_id)).scalar_subquery()
             checkpoint_columns.append(sa.cast(newest_id, sa.Text))
+            # The 32-bit id of the transaction that last wrote the checkpoint row: a
+            # checkpoint id above it was restored from another cluster, even once this
+            # server's counter has passed it (see eventsource.cluster).
+            written_by = sa.column("xmin", sa.Text, _selectable=ck)
+            checkpoint_columns.append(sa.cast(written_by, sa.Text))
         self._read_checkpoint = sa.select(*checkpoint_columns).where(key)
         # Two processes on the same projection partition queue on this lock instead of
         # both advancing it (SQLite: BEGIN IMMEDIATE already serialises the batch). An
@@ -1016,12 +1021,22 @@ class _Queries:
         # The snapshot's xmax follows the last completed transaction; the caller's own
         # (tests, rebuilds) may be at or above it.
         next_id = max(int(row[5]), (own or 0) + 1)
-        if int(row[1]) >= next_id or (row[6] is not None and int(row[6]) >= next_id):
+        if (
+            int(row[1]) >= next_id
+            or (row[6] is not None and int(row[6]) >= next_id)
+            or int(row[1]) > _full_transaction_id(int(row[7]), next_id)
+        ):
             cluster.check(session.connection(), self._tables, record=False)
             raise errors.TransactionIdsAheadError(
                 cluster.ahead_message(f"the stored ids read by projection {name!r}", next_id)
             )
         return _Checkpoint(int(row[1]), int(row[2]), int(row[3]), own)
+
+
+def _full_transaction_id(xid32: int, next_id: int) -> int:
+    """The 64-bit id of a row's 32-bit ``xmin``: the one within 2**31 below ``next_id``."""
+    back = (next_id - xid32) % 2**32
+    return next_id - back + (2**32 if back >= 2**31 else 0)
 
 
 def _union(*selects: sa.Select[Any], ascending: bool) -> sa.CompoundSelect[Any]:

@@ -561,3 +561,32 @@ def test_a_worker_with_a_batch_timeout_waits_out_a_rebuild(
     running.join(60)
     assert running.error is None, running.error
     assert seen(engine, "counted") == list(range(1, 11))
+
+
+@pytest.mark.postgres
+def test_a_running_worker_stops_on_a_restored_checkpoint_the_counter_has_overtaken(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """A checkpoint whose id is above the transaction that wrote the row came from
+    another cluster (a restore). Once the counter has passed it, nothing is "ahead"
+    any more; the per-batch check must still stop a worker that never restarts."""
+    engine = pg_engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql(READ_MODEL_DDL)
+    append_spread(engine, store, 3)
+    wait_readable(engine)
+    worker = processor(engine, store)
+    worker.run_until_caught_up(Counted())
+    with engine.begin() as conn:  # as pg_restore would leave it: an id from elsewhere
+        conn.exec_driver_sql(
+            "UPDATE projection_checkpoints SET transaction_id = "
+            "pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 50"
+        )
+    burner = engine.execution_options(isolation_level="AUTOCOMMIT")
+    with burner.connect() as conn:
+        for _ in range(80):  # the counter overtakes the restored id
+            conn.exec_driver_sql("SELECT pg_current_xact_id()")
+    append_spread(engine, store, 2, prefix="since")
+    with pytest.raises(es.TransactionIdsAheadError, match="eventsource db rebase"):
+        worker.process_batch(Counted())
+    assert seen(engine, "counted") == [1, 2, 3]
