@@ -403,14 +403,14 @@ def test_races_on_no_stream_and_on_any(engine: sa.Engine, store: es.EventStore) 
         (make_events(3, "shared"), es.ExpectedVersion.any()),
     ]
     outcomes = race(engine, store, attempts)
-    results = []
+    results: list[es.AppendResult] = []
     for (events, expected), outcome in zip(attempts, outcomes, strict=True):
         if isinstance(outcome, es.OptimisticConcurrencyError):
             assert engine.dialect.name == "postgresql", outcome
             assert "newer transaction" in str(outcome), outcome
             outcome = append_committed(engine, store, events, expected)
+        assert isinstance(outcome, es.AppendResult), outcomes
         results.append(outcome)
-    assert all(isinstance(r, es.AppendResult) for r in results), outcomes
     ranges = sorted((r.from_version, r.to_version) for r in results)
     assert ranges in ([(1, 2), (3, 5)], [(1, 3), (4, 5)])
     assert [e.aggregate_version for e in read_stream(engine, store, "shared")] == [1, 2, 3, 4, 5]
