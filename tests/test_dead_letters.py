@@ -36,7 +36,6 @@ from tests.projection_support import (
     wait_until,
 )
 from tests.test_cli import assert_clean_error, cli, cli_url, ok
-from tests.test_readme import block_containing, run_block
 
 READ_MODEL_DDL = (
     "CREATE TABLE dl_applied (projection TEXT NOT NULL, global_position BIGINT NOT NULL, "
@@ -895,13 +894,3 @@ def test_the_command_line_retries_every_dead_letter_of_a_projection(
     assert dead_letter_rows(db) == 0
     assert_exactly_once(db, "orders")
 
-
-def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
-    output = run_block(block_containing("es.OnError.QUARANTINE_AGGREGATE"), tmp_path)
-    assert output.splitlines() == [
-        "2",
-        "2 KeyError None",
-        "3 None 1",
-        "applied (2, 3)",
-        "[('acc-1', 125), ('acc-2', 7)]",
-    ]

@@ -7,10 +7,6 @@ NORMAL an explicit ``create_engine(url, sqlite_synchronous="NORMAL")``.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -22,7 +18,6 @@ from sqlalchemy.orm import Session
 import eventsource as es
 from eventsource import database
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 #: ``PRAGMA synchronous`` answers with a number.
 LEVEL_NUMBERS = {"OFF": 0, "NORMAL": 1, "FULL": 2, "EXTRA": 3}
 
@@ -114,26 +109,3 @@ def test_sqlite_synchronous_is_ignored_on_postgresql(pg_url: sa.URL) -> None:
             assert store.stream_version(session, "shop", "Cart", "c-1") == 1
     finally:
         engine.dispose()
-
-
-def readme_snippet() -> str:
-    """The README's python block about ``sqlite_synchronous`` (exactly one)."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
-    matching = [str(block) for block in blocks if "sqlite_synchronous" in block]
-    assert len(matching) == 1, "the README shows sqlite_synchronous in one python block"
-    return matching[0]
-
-
-def test_readme_snippet_runs_as_written(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
-    done = subprocess.run(
-        [sys.executable, "-c", readme_snippet()],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["2", "1"]  # FULL by default, then NORMAL when asked
