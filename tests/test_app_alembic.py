@@ -7,6 +7,7 @@ its own) whose ``version_locations`` include the library's scripts, runs the rea
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -17,11 +18,22 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from pytest_alembic import MigrationContext as MigrationRunner
+
+# pytest-alembic's built-in tests, run on the application's history below.
+from pytest_alembic.tests import (
+    test_model_definitions_match_ddl,
+    test_up_down_consistency,
+    test_upgrade,
+)
 from sqlalchemy.orm import Session
 
 import eventsource as es
 from eventsource import models
+
+__all__ = ["test_model_definitions_match_ddl", "test_up_down_consistency", "test_upgrade"]
 
 LIBRARY_TABLES = {
     "events",
@@ -37,6 +49,32 @@ APP_FILES = {
         script_location = %(here)s/migrations
         version_locations = %(here)s/migrations/versions eventsource:migrations/versions
         path_separator = space
+
+        [loggers]
+        keys = root,alembic
+
+        [handlers]
+        keys = console
+
+        [formatters]
+        keys = generic
+
+        [logger_root]
+        level = WARNING
+        handlers = console
+
+        [logger_alembic]
+        level = INFO
+        handlers =
+        qualname = alembic
+
+        [handler_console]
+        class = StreamHandler
+        args = (sys.stderr,)
+        formatter = generic
+
+        [formatter_generic]
+        format = %(levelname)-5.5s [%(name)s] %(message)s
     """,
     "app_models.py": """
         from __future__ import annotations
@@ -54,23 +92,16 @@ APP_FILES = {
     "migrations/env.py": """
         from __future__ import annotations
 
-        import sqlalchemy as sa
-        from alembic import context
-
         import app_models
         import eventsource
+        from eventsource import migrations_support
 
         # The application's tables and the library's, so autogenerate knows both.
         target_metadata = [app_models.metadata, eventsource.models.metadata]
 
-        engine = sa.create_engine(eventsource.database_url(), poolclass=sa.NullPool)
-        with engine.connect() as connection:
-            context.configure(
-                connection=connection, target_metadata=target_metadata, render_as_batch=True
-            )
-            with context.begin_transaction():
-                context.run_migrations()
-        engine.dispose()
+        # On the connection or engine in config.attributes["connection"] (pytest-alembic
+        # passes an engine), else on sqlalchemy.url or $DATABASE_URL.
+        migrations_support.run_migrations(target_metadata)
     """,
     "migrations/versions/app0001_orders.py": '''
         """Create the orders table, after the library's schema."""
@@ -148,7 +179,11 @@ def run_app_alembic(app_dir: Path, engine: sa.Engine, *args: str) -> str:
 def test_application_alembic_applies_the_library_branch(
     app_dir: Path, app_engine: sa.Engine
 ) -> None:
-    run_app_alembic(app_dir, app_engine, "upgrade", "heads")
+    output = run_app_alembic(app_dir, app_engine, "upgrade", "heads")
+    # The application's env.py hands over to migrations_support.run_migrations, which
+    # applies the logging sections of its alembic.ini, as Alembic's own template does.
+    assert "Running upgrade  -> es0001" in output
+    assert "Running upgrade  -> app0001" in output
 
     tables = set(sa.inspect(app_engine).get_table_names())
     assert tables == LIBRARY_TABLES | {"orders", "alembic_version"}
@@ -196,3 +231,35 @@ def test_application_alembic_applies_the_library_branch(
 
 def removed_tables(diffs: list[object]) -> set[str]:
     return {diff[1].name for diff in diffs if diff[0] == "remove_table"}  # type: ignore[index]
+
+
+# -- pytest-alembic on the application's history, the library's branch included --------
+#
+# test_upgrade, test_model_definitions_match_ddl and test_up_down_consistency, imported
+# above, run here on the application's history; test_single_head_revision does not
+# apply: the library's scripts are a branch of their own beside the application's.
+
+
+@pytest.fixture
+def alembic_config(app_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """The application's alembic.ini, as the README shows it for pytest-alembic."""
+    monkeypatch.syspath_prepend(str(app_dir))  # env.py imports app_models
+    monkeypatch.delitem(sys.modules, "app_models", raising=False)
+    # configure_logger=False: the test run's logging stays pytest's.
+    return Config(str(app_dir / "alembic.ini"), attributes={"configure_logger": False})
+
+
+@pytest.fixture
+def alembic_engine(app_engine: sa.Engine) -> sa.Engine:
+    """pytest-alembic hands this engine itself to the application's env.py."""
+    return app_engine
+
+
+def test_the_library_is_a_branch_of_its_own(alembic_runner: MigrationRunner) -> None:
+    """Two heads, by design: the application's and the library's."""
+    assert sorted(alembic_runner.heads) == ["app0001", "es0003"]
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    alembic_runner.migrate_up_to("heads")
+    assert (root.level, list(root.handlers)) == before
+    assert set(alembic_runner.current.split()) <= {"app0001", "es0003"}
