@@ -8,7 +8,9 @@ works too. Fixtures:
     An Engine on a database migrated with the library's Alembic scripts. SQLite in a
     temporary file by default; with ``--eventsource-db-url`` (or
     ``EVENTSOURCE_TEST_DATABASE_URL``) pointing at PostgreSQL, a throwaway database is
-    created on that server and dropped at the end. Each pytest-xdist worker gets its own.
+    created on that server and dropped at the end. Each pytest-xdist worker gets its
+    own: a SQLite file URL such as ``sqlite:///tests.db`` becomes ``tests-gw0.db``,
+    ``tests-gw1.db``... and is emptied at session start (kept afterwards, to look at).
 ``eventsource_connection``
     A connection inside an outer transaction that is rolled back after the test.
 ``eventsource_session``
@@ -19,10 +21,30 @@ works too. Fixtures:
 ``run_projections``
     ``run_projections(*projections)`` runs projections inside the test's transaction
     until they have handled everything appended so far and returns what each handled.
+
+The application's own tables go into the same database, once per test session (and
+per xdist worker), from ini options (pytest.ini, or ``[tool.pytest.ini_options]``):
+
+``eventsource_app_metadata = myapp.models:Base.metadata``
+    ``create_all`` of that MetaData (or declarative base), after the library's tables.
+``eventsource_alembic_ini = alembic.ini``
+    ``alembic upgrade heads`` with the application's Alembic (path relative to the ini
+    file), first. When that applies the library's branch (README, "Using your own
+    Alembic") the library's own upgrade is skipped; otherwise it runs next. During the
+    upgrade ``sqlalchemy.url`` and ``$DATABASE_URL`` name the test database and
+    ``config.attributes["connection"]`` holds a connection to it, so an ``env.py``
+    that reads any of them migrates it; logging is restored afterwards (``fileConfig``
+    in ``env.py`` would disable the loggers that exist).
+
+A conftest.py that overrides ``eventsource_db_url`` with a database of its own can
+call ``create_schema(url, request.config)`` to get the same schema there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
 import os
 import tempfile
 import uuid
@@ -41,6 +63,12 @@ from eventsource.store import EventStore
 
 URL_OPTION = "--eventsource-db-url"
 URL_ENV = "EVENTSOURCE_TEST_DATABASE_URL"
+#: ini option: ``module:attribute`` of the application's MetaData, created in the test database.
+APP_METADATA_INI = "eventsource_app_metadata"
+#: ini option: the application's ``alembic.ini``, upgraded to its heads in the test database.
+ALEMBIC_INI_INI = "eventsource_alembic_ini"
+#: Set by pytest-xdist in each worker process (gw0, gw1...).
+XDIST_WORKER_ENV = "PYTEST_XDIST_WORKER"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,6 +81,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             "database for eventsource fixtures: a PostgreSQL server URL (a throwaway "
             f"database is created on it) or a SQLite URL. Default: ${URL_ENV}, else a "
             "temporary SQLite file."
+        ),
+    )
+    parser.addini(
+        APP_METADATA_INI,
+        type="args",
+        default=[],
+        help=(
+            "the application's MetaData (or declarative base) as module:attribute, e.g. "
+            "myapp.models:Base.metadata; its tables are created in the eventsource test "
+            "database once per test session. Several may be given."
+        ),
+    )
+    parser.addini(
+        ALEMBIC_INI_INI,
+        type="paths",
+        default=[],
+        help=(
+            "the application's alembic.ini (relative to the ini file): `alembic upgrade "
+            "heads` runs on the eventsource test database once per test session, before "
+            "the library's own upgrade (skipped when this one applies its branch)."
         ),
     )
 
@@ -70,17 +118,23 @@ RunProjections = Callable[..., ProjectionRun]
 
 @pytest.fixture(scope="session")
 def eventsource_db_url(request: pytest.FixtureRequest) -> Iterator[sa.URL]:
-    """URL of a database migrated to the library's head revision, for this test session."""
-    given = request.config.getoption("eventsource_db_url") or os.environ.get(URL_ENV)
+    """URL of this test session's database: the library's schema and the application's."""
+    config = request.config
+    given = config.getoption("eventsource_db_url") or os.environ.get(URL_ENV)
     if not given:
         with tempfile.TemporaryDirectory(prefix="eventsource-test-") as folder:
             url = sa.make_url(f"sqlite:///{Path(folder) / 'events.db'}")
-            database.upgrade(url)
+            create_schema(url, config)
             yield url
         return
     server = database.database_url(given)
+    if server.get_backend_name() == "sqlite":
+        url = _fresh_sqlite_file(server)
+        create_schema(url, config)
+        yield url
+        return
     if server.get_backend_name() != "postgresql":
-        database.upgrade(server)
+        create_schema(server, config)
         yield server
         return
     name = f"eventsource_test_{uuid.uuid4().hex[:12]}"
@@ -89,12 +143,144 @@ def eventsource_db_url(request: pytest.FixtureRequest) -> Iterator[sa.URL]:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     url = server.set(database=name)
     try:
-        database.upgrade(url)
+        create_schema(url, config)
         yield url
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+def create_schema(url: sa.URL, config: pytest.Config) -> None:
+    """Create every table the tests need in the empty database at ``url``.
+
+    The application's Alembic first (``eventsource_alembic_ini``), then the library's
+    migrations unless that already applied them, then ``create_all`` of the
+    application's metadata (``eventsource_app_metadata``).
+    """
+    # Resolve the options before touching the database: a typo fails fast.
+    alembic_inis: list[Path] = config.getini(ALEMBIC_INI_INI)
+    if len(alembic_inis) > 1:
+        raise pytest.UsageError(f"{ALEMBIC_INI_INI}: one alembic.ini, got {len(alembic_inis)}")
+    for ini in alembic_inis:
+        if not ini.is_file():
+            raise pytest.UsageError(f"{ALEMBIC_INI_INI}: {ini} does not exist")
+    metadatas = [_load_metadata(reference) for reference in config.getini(APP_METADATA_INI)]
+    engine = database.create_engine(url, poolclass=sa.NullPool)
+    try:
+        for ini in alembic_inis:
+            _alembic_upgrade_heads(ini, engine)
+        if not database.managed_elsewhere(engine):
+            database.upgrade(engine)
+        for metadata in metadatas:
+            metadata.create_all(engine)
+    finally:
+        engine.dispose()
+
+
+def _load_metadata(reference: str) -> sa.MetaData:
+    """The MetaData named by ``module:attribute`` (a declarative base's ``.metadata`` too)."""
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise pytest.UsageError(
+            f"{APP_METADATA_INI}: {reference!r} is not module:attribute "
+            "(e.g. myapp.models:Base.metadata)"
+        )
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise pytest.UsageError(
+            f"{APP_METADATA_INI}: cannot import {module_name!r} ({exc}); add its folder "
+            "to pytest's `pythonpath` ini option"
+        ) from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as exc:
+            raise pytest.UsageError(f"{APP_METADATA_INI}: {reference!r}: {exc}") from exc
+    if not isinstance(target, sa.MetaData):
+        target = getattr(target, "metadata", target)
+    if not isinstance(target, sa.MetaData):
+        raise pytest.UsageError(
+            f"{APP_METADATA_INI}: {reference!r} is a {type(target).__name__}, not a MetaData"
+        )
+    return target
+
+
+def _fresh_sqlite_file(url: sa.URL) -> sa.URL:
+    """The worker's own file for a SQLite URL, emptied so that reruns start clean."""
+    if url.database in (None, "", ":memory:"):
+        raise pytest.UsageError(
+            f"{URL_OPTION}: an in-memory SQLite database lives in one connection and "
+            "the tests use several; give a file (sqlite:///tests.db) or no URL at all "
+            "(a temporary file)"
+        )
+    path = Path(url.database)
+    worker = os.environ.get(XDIST_WORKER_ENV)
+    if worker:
+        path = path.with_name(f"{path.stem}-{worker}{path.suffix}")
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return url.set(database=str(path))
+
+
+def _alembic_upgrade_heads(ini: Path, engine: sa.Engine) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    rendered = engine.url.render_as_string(hide_password=False)
+    alembic_config = Config(str(ini))
+    alembic_config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    with (
+        _preserved_logging(),
+        _environment(database.DATABASE_URL_ENV, rendered),
+        engine.connect() as connection,
+    ):
+        # Alembic's cookbook recipe for sharing a connection; an env.py that opens its
+        # own finds the URL in sqlalchemy.url or $DATABASE_URL (this connection is idle).
+        alembic_config.attributes["connection"] = connection
+        command.upgrade(alembic_config, "heads")
+        if connection.in_transaction():
+            connection.commit()
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
+def _preserved_logging() -> Iterator[None]:
+    """Undo what ``logging.config.fileConfig`` in an ``env.py`` does to existing loggers.
+
+    It disables every logger it does not name (the library's, the application's) and
+    replaces the root logger's handlers and level: logs and ``caplog`` would go silent.
+    """
+    loggers = [logging.root] + [
+        logger
+        for logger in logging.root.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    saved = [
+        (logger, logger.level, logger.disabled, logger.propagate, list(logger.handlers))
+        for logger in loggers
+    ]
+    try:
+        yield
+    finally:
+        for logger, level, disabled, propagate, handlers in saved:
+            logger.setLevel(level)
+            logger.disabled = disabled
+            logger.propagate = propagate
+            logger.handlers[:] = handlers
 
 
 @pytest.fixture(scope="session")
@@ -202,6 +388,7 @@ class _Recorder(Projection, abstract=True):
 __all__ = [
     "ProjectionRun",
     "RunProjections",
+    "create_schema",
     "event_store",
     "eventsource_connection",
     "eventsource_db_url",
