@@ -10,11 +10,11 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
-import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, NoReturn
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import sqlalchemy as sa
@@ -28,6 +28,12 @@ from eventsource.runner import ProjectionRunner, Runner
 from eventsource.status import ProjectionStatus, require_schema, status
 from eventsource.store import EventStore
 
+if TYPE_CHECKING:
+    import tqdm
+
+# tqdm (the rebuild's progress bar) is imported by the command that draws one: it
+# costs other commands a tenth of their start-up time.
+
 logger = logging.getLogger("eventsource.cli")
 
 #: Exit code of ``status --max-lag`` when a projection lags more.
@@ -40,35 +46,90 @@ class Context:
     def __init__(self, url: str | None) -> None:
         self.url = url
 
+    def database_url(self) -> sa.URL:
+        """The URL the commands use (option, else $DATABASE_URL, else the default);
+        one that cannot be parsed is a one-line error naming it, password hidden."""
+        try:
+            return database.database_url(self.url)
+        except (sa.exc.ArgumentError, ValueError) as exc:
+            # ValueError: a port that is not a number (SQLAlchemy's int() of it).
+            raise BadDatabaseURL(f"invalid database URL {self._raw()}: {exc}") from exc
+
     def engine(self, *, create: bool = False, **kwargs: Any) -> sa.Engine:
         """An engine on the URL; refuses a SQLite file that does not exist unless ``create``
-        (a mistyped path would otherwise leave an empty database behind)."""
+        (a mistyped path would otherwise leave an empty database behind).
+
+        Every command gets its engine here, so a URL that cannot become one (unparseable,
+        another database, a driver that is not installed) is reported here, once.
+        """
+        url = self.database_url()
+        shown = repr(url.render_as_string(hide_password=True))
+        if url.get_backend_name() not in SUPPORTED_BACKENDS:
+            raise BadDatabaseURL(
+                f"invalid database URL {shown}: eventsource supports PostgreSQL "
+                "(postgresql://USER@HOST/DB, through psycopg 3) and SQLite "
+                f"(sqlite:///FILE), not {url.get_backend_name()!r}"
+            )
+        missing = None if create else self.missing_sqlite_file()
+        if missing:
+            raise click.ClickException(
+                f"no SQLite database at {missing} (create it with `eventsource db upgrade`)"
+            )
         try:
-            missing = None if create else self.missing_sqlite_file()
-            if missing:
-                raise click.ClickException(
-                    f"no SQLite database at {missing} (create it with `eventsource db upgrade`)"
-                )
-            return database.create_engine(self.url, **kwargs)
-        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-            raise click.UsageError(f"invalid database URL {self.url!r}: {exc}") from exc
+            engine = database.create_engine(url, **kwargs)
+        except sa.exc.NoSuchModuleError as exc:  # an unknown driver name after the "+"
+            raise BadDatabaseURL(f"invalid database URL {shown}: {exc}") from exc
+        except ImportError as exc:  # the dialect's driver module is not installed
+            plain = "postgresql://" if url.get_backend_name() == "postgresql" else "sqlite://"
+            raise BadDatabaseURL(
+                f"database URL {shown} needs the driver {url.get_driver_name()!r}, which is "
+                f"not installed ({exc}); a plain {plain} URL uses the one eventsource "
+                "installs"
+            ) from exc
+
+        @sa.event.listens_for(engine, "handle_error")
+        def _bad_setting(context: sa.engine.ExceptionContext) -> BaseException | None:
+            # A connection attempt the driver refuses before reaching any server (an
+            # unknown option or a bad value in the URL's query): a setting to fix, not
+            # a failure to retry. Server down, refused, unknown database: OperationalError,
+            # reported (and retried by processors) as such.
+            failed = context.sqlalchemy_exception
+            if context.connection is None and not isinstance(failed, sa.exc.OperationalError):
+                reason = _flat(str(context.original_exception))
+                return BadDatabaseURL(f"invalid database URL {shown}: {reason}")
+            return None
+
+        return engine
 
     def missing_sqlite_file(self) -> str | None:
         """The absolute path of the SQLite file the URL names, when it does not exist."""
-        try:
-            url = database.database_url(self.url)
-        except sa.exc.ArgumentError as exc:
-            raise click.UsageError(f"invalid database URL {self.url!r}: {exc}") from exc
+        url = self.database_url()
         path = url.database
         if url.get_backend_name() != "sqlite" or not path or path == ":memory:":
             return None
         return None if os.path.exists(path) else os.path.abspath(path)
 
     def describe(self) -> str:
-        try:
-            return database.database_url(self.url).render_as_string(hide_password=True)
-        except sa.exc.ArgumentError:
-            return repr(self.url)
+        return self.database_url().render_as_string(hide_password=True)
+
+    def _raw(self) -> str:
+        """The URL as given, quoted, its password masked (it may not parse as a URL)."""
+        raw = self.url if self.url is not None else os.environ.get(database.DATABASE_URL_ENV)
+        return repr(_PASSWORD.sub(r"\1***@", raw or database.DEFAULT_URL))
+
+
+#: The databases eventsource runs on (DESIGN: PostgreSQL through psycopg 3, and SQLite).
+SUPPORTED_BACKENDS = ("postgresql", "sqlite")
+#: "user:password@" in a URL, even one SQLAlchemy cannot parse.
+_PASSWORD = re.compile(r"(://[^:/?#@]*:)[^/?#]*@")
+
+
+class BadDatabaseURL(click.ClickException):
+    """A database URL no engine can be made from: one ``Error:`` line, exit code 2
+    (click's code for bad command-line input), no usage text; the URL may come from
+    $DATABASE_URL rather than the command line."""
+
+    exit_code = 2
 
 
 @contextmanager
@@ -79,13 +140,17 @@ def _database_errors(ctx: Context) -> Iterator[None]:
     except errors.SchemaMissingError as exc:
         raise click.ClickException(f"{ctx.describe()}: {exc}") from exc
     except sa.exc.OperationalError as exc:
-        # Driver messages can span lines (libpq adds "\n\tIs the server running...").
-        reason = " ".join(line.strip() for line in str(exc.orig).splitlines() if line.strip())
+        reason = _flat(str(exc.orig))
         raise click.ClickException(
             f"cannot use the database at {ctx.describe()}: {reason}"
         ) from exc
     except errors.EventSourceError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _flat(message: str) -> str:
+    """A driver's message on one line (libpq adds "\n\tIs the server running...")."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,9 +195,18 @@ def db() -> None:
 def db_upgrade(ctx: Context, revision: str) -> None:
     """Create or update the library's tables."""
     engine = ctx.engine(create=True)
+    _show_migration_steps()
     with _database_errors(ctx):
         database.upgrade(engine, revision)
         click.echo(f"{ctx.describe()}: at revision {database.current_revision(engine)}")
+
+
+def _show_migration_steps() -> None:
+    """Alembic's "Running upgrade a -> b" lines, as `alembic upgrade` prints them."""
+    steps = logging.getLogger("alembic.runtime.migration")
+    if steps.getEffectiveLevel() > logging.INFO:  # -v shows them, and the rest, already
+        steps.setLevel(logging.INFO)
+        steps.addFilter(lambda record: record.getMessage().startswith("Running "))
 
 
 @db.command("current")
@@ -169,6 +243,7 @@ def db_downgrade(ctx: Context, revision: str, yes: bool) -> None:
     """Revert the library's migrations (base: drop its tables and every event)."""
     _confirm(yes, f"Downgrade {ctx.describe()} to {revision}? This can delete all events.")
     engine = ctx.engine()
+    _show_migration_steps()
     with _database_errors(ctx):
         database.downgrade(engine, revision)
     click.echo(f"{ctx.describe()}: at revision {database.current_revision(engine) or 'none'}")
@@ -473,6 +548,14 @@ def reset_command(
     show_default=True,
     help=_WAIT_HELP,
 )
+@click.option(
+    "--progress-every",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="When stderr is not a terminal: a progress line this often (a bar otherwise).",
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
 def rebuild_command(
@@ -483,6 +566,7 @@ def rebuild_command(
     total_partitions: int | None,
     keep_read_model: bool,
     wait: float,
+    progress_every: float,
     yes: bool,
 ) -> None:
     """Clear projection NAME's read model (its reset() hook) and replay every event.
@@ -509,55 +593,90 @@ def rebuild_command(
     else:
         _confirm(yes, f"Rebuild projection {name!r} on {ctx.describe()}?")
     engine = ctx.engine()
-    show = _ProgressPrinter(sys.stderr.isatty())
-    with _database_errors(ctx):
-        final = rebuild(
-            engine,
-            projection,
-            batch_size=batch_size,
-            total_partitions=total_partitions,
-            keep_read_model=keep_read_model,
-            wait=wait,
-            on_progress=show,
-        )
-    show.finish(final)
+    show = _Progress(tty=sys.stderr.isatty(), every=progress_every)
+    redirect: AbstractContextManager[None] = nullcontext()
+    if show.tty:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # Log lines (a failing handler's) then print above the bar, not through it.
+        redirect = logging_redirect_tqdm()
+    try:
+        with _database_errors(ctx), redirect:
+            final = rebuild(
+                engine,
+                projection,
+                batch_size=batch_size,
+                total_partitions=total_partitions,
+                keep_read_model=keep_read_model,
+                wait=wait,
+                on_progress=show,
+            )
+        show.finish(final)
+    finally:
+        show.close()
     click.echo(
         f"rebuilt {name}: {final.handled} events handled, {final.done} read, "
         f"in {final.elapsed:.1f}s"
     )
 
 
-class _ProgressPrinter:
-    """A progress bar on a terminal; a log line every few seconds otherwise."""
+class _Progress:
+    """Rebuild progress on stderr: a tqdm bar on a terminal; otherwise (CI logs, files)
+    a plain line every ``every`` seconds, and the last one when the rebuild ends."""
 
-    def __init__(self, tty: bool, every: float = 5.0) -> None:
+    #: The plain line; tqdm fills it in (and computes the ETA from the rate).
+    LINE = (
+        "{desc}: {percentage:.0f}% {n_fmt}/{total_fmt}{unit}, elapsed {elapsed}, "
+        "ETA {remaining}, {rate_fmt}"
+    )
+
+    def __init__(self, *, tty: bool, every: float) -> None:
         self.tty = tty
         self.every = every
-        self.last = 0.0
+        self.last_line = 0.0
+        self.bar: tqdm.tqdm[Any] | None = None
 
     def __call__(self, progress: RebuildProgress) -> None:
-        now = time.monotonic()
         if self.tty:
-            if now - self.last >= 0.1:
-                self.last = now
-                click.echo("\r" + self._line(progress, bar=True), nl=False, err=True)
-        elif now - self.last >= self.every:
-            self.last = now
-            click.echo(self._line(progress, bar=False), err=True)
+            if self.bar is None:  # the total is known once the read model is reset
+                import tqdm
+
+                self.bar = tqdm.tqdm(
+                    desc=progress.projection,
+                    total=progress.total,
+                    unit=" events",
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                )
+            self.bar.update(progress.done - self.bar.n)
+        elif progress.elapsed - self.last_line >= self.every:
+            self.last_line = progress.elapsed
+            click.echo(self._line(progress), err=True)
 
     def finish(self, progress: RebuildProgress) -> None:
-        click.echo(("\r" if self.tty else "") + self._line(progress, bar=self.tty), err=True)
+        if self.bar is not None:
+            self.bar.update(progress.done - self.bar.n)
+            self.bar.close()
+        elif not self.tty and progress.done:
+            click.echo(self._line(progress), err=True)
 
-    @staticmethod
-    def _line(p: RebuildProgress, *, bar: bool) -> str:
-        fraction = p.done / p.total if p.total else 1.0
-        eta = p.eta_seconds
-        eta_text = "--:--" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
-        text = f"{p.done}/{p.total} events  {p.rate:,.0f}/s  ETA {eta_text}"
-        if bar:
-            filled = int(30 * min(fraction, 1.0))
-            return f"{p.projection} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}  {text}"
-        return f"rebuild {p.projection}: {fraction:.0%} {text}"
+    def close(self) -> None:
+        """End the bar where it stands (the rebuild failed); the error follows it."""
+        if self.bar is not None:
+            self.bar.close()
+
+    def _line(self, progress: RebuildProgress) -> str:
+        import tqdm
+
+        return tqdm.tqdm.format_meter(
+            n=progress.done,
+            total=max(progress.total, progress.done),  # events appended since it began
+            elapsed=progress.elapsed,
+            prefix=f"rebuild {progress.projection}",
+            unit=" events",
+            rate=progress.rate or None,
+            bar_format=self.LINE,
+        )
 
 
 # -- dead letters -----------------------------------------------------------------

@@ -201,17 +201,26 @@ class Processor:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def run(self, projection: Projection) -> None:
-        """Process batches until :meth:`stop`; raises the first error (nothing half-done)."""
+    def run(self, projection: Projection, *, handle_signals: bool = True) -> None:
+        """Process batches until :meth:`stop`; raises the first error (nothing half-done).
+
+        In the main thread, SIGINT (Ctrl+C) and SIGTERM stop it too, as :meth:`stop`
+        does: the batch in hand commits and ``run`` returns; a second signal raises
+        ``KeyboardInterrupt`` and the batch in hand rolls back (see
+        :mod:`eventsource.signals`). ``handle_signals=False`` leaves signals alone.
+        """
         _check_projection(projection)
         self._log_start(projection, "run")
         retrier = Retrier(self.config.retry, self._describe(projection))
         try:
-            self._retrying(projection, retrier, lambda: self.check_partitions(projection))
-            while not self._stop.is_set():
-                result = self._retrying(projection, retrier, lambda: self.process_batch(projection))
-                if not result.full:
-                    self._stop.wait(self.config.poll_interval)
+            with signals.graceful_stop(self.stop, enabled=handle_signals):
+                self._retrying(projection, retrier, lambda: self.check_partitions(projection))
+                while not self._stop.is_set():
+                    result = self._retrying(
+                        projection, retrier, lambda: self.process_batch(projection)
+                    )
+                    if not result.full:
+                        self._stop.wait(self.config.poll_interval)
         except _Stopped:
             pass
         finally:

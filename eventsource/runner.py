@@ -8,18 +8,15 @@ every processor to finish its batch, commit and stop.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import FrameType
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import sqlalchemy as sa
 
-from eventsource import errors, retry
+from eventsource import errors, retry, signals
 from eventsource.processor import Processor
 from eventsource.projection import Projection
 
@@ -122,7 +119,7 @@ class Runner:
             for pair in runners
         ]
         try:
-            with self._signals():
+            with signals.graceful_stop(self._interrupt, enabled=self.handle_signals):
                 for thread in threads:
                     thread.start()
                 for thread in threads:
@@ -146,34 +143,10 @@ class Runner:
                 )
             _raise_named(first_pair, first_error)
 
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            if self.interrupted:
-                # Second signal: the batches in hand are taking too long; give up on them
-                # (their transactions roll back when the process exits).
-                logger.warning("received %s again: stopping now", signal.Signals(signum).name)
-                raise KeyboardInterrupt
-            self.interrupted = True
-            logger.info(
-                "received %s: finishing the batches in hand, then stopping "
-                "(send it again to stop at once)",
-                signal.Signals(signum).name,
-            )
-            self.stop()
-
-        previous: dict[signal.Signals, Any] = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+    def _interrupt(self) -> None:
+        """The first SIGINT/SIGTERM: finish the batches in hand, then stop."""
+        self.interrupted = True
+        self.stop()
 
 
 def _raise_named(pair: ProjectionRunner, exc: BaseException) -> NoReturn:

@@ -458,6 +458,10 @@ def test_db_upgrade_on_an_empty_database_then_current_is_up_to_date(
 
     upgraded = ok(cli(app_dir, "db", "upgrade", url=empty_url))
     assert f"at revision {head_revision()}" in upgraded.stdout
+    # Alembic's steps, as `alembic upgrade` shows them, and none of its other chatter.
+    steps = [line for line in upgraded.stderr.splitlines() if "alembic" in line]
+    assert steps and all("Running upgrade" in line for line in steps), upgraded.stderr
+    assert f"-> {head_revision()}" in steps[-1]
 
     after = ok(cli(app_dir, "--database-url", empty_url, "db", "current"))
     assert (
@@ -664,7 +668,18 @@ def test_run_stops_gracefully_on_sigterm(sqlite_url: sa.URL, app_dir: Path) -> N
 # -- rebuild and reset -----------------------------------------------------------------
 
 
-PROGRESS_LINE = re.compile(r"^rebuild orders: +(\d+)% (\d+)/(\d+) events .*ETA")
+PROGRESS_LINE = re.compile(
+    r"^rebuild orders: (\d+)% (\d+)/(\d+) events, elapsed ([\d:]+), ETA ([\d:?]+), "
+    r"[ \d.?]+ events/s$"
+)
+
+
+def seconds(clock: str) -> int:
+    """tqdm's [h:]mm:ss as seconds."""
+    total = 0
+    for part in clock.split(":"):
+        total = total * 60 + int(part)
+    return total
 
 
 def test_rebuild_produces_the_same_read_model_as_a_first_run(db: sa.Engine, app_dir: Path) -> None:
@@ -741,6 +756,114 @@ def test_rebuild_produces_the_same_read_model_as_a_first_run(db: sa.Engine, app_
     )
     assert (orders_rows(db), totals_rows(db), checkpoint_rows(db)) == before_failure
     assert not [line for line in failed.stdout.splitlines() if line.startswith("rebuilt")]
+
+
+def test_rebuild_progress_lines_off_a_terminal_have_a_sane_eta(
+    sqlite_url: sa.URL, app_dir: Path
+) -> None:
+    """stderr not a terminal (CI, a log file): a plain line every --progress-every
+    seconds, whose ETA points at when the rebuild actually ends; no bar, no \\r."""
+    engine = with_read_models(sqlite_url)
+    try:
+        append_events(engine, 150)
+        rebuilt = ok(
+            cli(
+                app_dir,
+                "rebuild",
+                "orders",
+                "--app",
+                "myapp:PROJECTIONS",
+                "--yes",
+                "--batch-size",
+                "5",
+                "--progress-every",
+                "0.5",
+                url=cli_url(engine),
+                env={"MYAPP_DELAY": "0.03"},  # about 4.5 s of handling, steadily
+            )
+        )
+        assert len(orders_rows(engine)) == 150
+    finally:
+        engine.dispose()
+    summary = re.fullmatch(
+        r"rebuilt orders: 150 events handled, 150 read, in ([\d.]+)s\n", rebuilt.stdout
+    )
+    assert summary, rebuilt.stdout
+    took = float(summary.group(1))
+    assert "\r" not in rebuilt.stderr
+    lines = rebuilt.stderr.splitlines()
+    matches = [PROGRESS_LINE.match(line) for line in lines]
+    assert all(matches), rebuilt.stderr
+    progress = [
+        (int(m.group(1)), int(m.group(2)), int(m.group(3)), seconds(m.group(4)), m.group(5))
+        for m in matches
+        if m
+    ]
+    assert len(progress) >= 4, rebuilt.stderr  # every half second, and the last one
+    assert {total for _, _, total, _, _ in progress} == {150}
+    done = [count for _, count, _, _, _ in progress]
+    assert done == sorted(done)
+    assert progress[-1][:2] == (100, 150)
+    assert progress[-1][4] == "00:00"
+    assert all(abs(percent - 100 * count / 150) <= 1 for percent, count, *_ in progress)
+    # Mid-way, elapsed + ETA is when it ends (tqdm truncates both to whole seconds).
+    midway = [(elapsed, eta) for percent, _, _, elapsed, eta in progress if 15 <= percent <= 85]
+    assert len(midway) >= 2, rebuilt.stderr
+    for elapsed, eta in midway:
+        assert took - 2.5 <= elapsed + seconds(eta) <= took + 1.0, (took, rebuilt.stderr)
+
+
+def test_rebuild_draws_a_bar_on_a_terminal(sqlite_url: sa.URL, app_dir: Path) -> None:
+    """stderr a terminal (a pseudo-terminal here): tqdm's bar, redrawn in place."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    engine = with_read_models(sqlite_url)
+    try:
+        append_events(engine, 40)
+        url = cli_url(engine)
+    finally:
+        engine.dispose()
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    args = ["rebuild", "orders", "--app", "myapp:PROJECTIONS", "--yes", "--batch-size", "5"]
+    process = subprocess.Popen(
+        [*ENTRY_POINT, *args],
+        cwd=app_dir,
+        env=command_env(url, {"MYAPP_DELAY": "0.01"}),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    drawn = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the command closed the terminal
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        stdout, _ = process.communicate(timeout=TIMEOUT)
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    text = drawn.decode()
+    assert process.returncode == 0, text
+    assert stdout.decode().startswith("rebuilt orders: 40 events handled, 40 read, in ")
+    assert "Traceback" not in text
+    assert "\r" in text  # redrawn in place
+    frames = [frame.strip() for frame in re.split(r"[\r\n]+", text) if frame.strip()]
+    assert re.fullmatch(
+        r"orders: 100%\|[^|]+\| 40/40 \[\d\d:\d\d<00:00, .* events/s\]", frames[-1]
+    ), text
+    assert "rebuild orders:" not in text  # no plain lines on a terminal
 
 
 def test_reset_deletes_checkpoints_and_with_app_clears_the_read_model(
