@@ -460,7 +460,8 @@ def test_db_upgrade_on_an_empty_database_then_current_is_up_to_date(
     assert f"at revision {head_revision()}" in upgraded.stdout
     # Alembic's steps, as `alembic upgrade` shows them, and none of its other chatter.
     steps = [line for line in upgraded.stderr.splitlines() if "alembic" in line]
-    assert steps and all("Running upgrade" in line for line in steps), upgraded.stderr
+    assert steps, upgraded.stderr
+    assert all("Running upgrade" in line for line in steps), upgraded.stderr
     assert f"-> {head_revision()}" in steps[-1]
 
     after = ok(cli(app_dir, "--database-url", empty_url, "db", "current"))

@@ -893,4 +893,3 @@ def test_the_command_line_retries_every_dead_letter_of_a_projection(
     assert positions(db, "orders") == [1, 2, 3, 4]
     assert dead_letter_rows(db) == 0
     assert_exactly_once(db, "orders")
-

@@ -57,8 +57,13 @@ def run_with(connection: sa.Connection) -> None:
 
 
 def run_migrations_online() -> None:
-    # main.py hands over its own connection (so the upgrade joins its transaction).
+    # main.py hands over its own connection (so the upgrade joins its transaction);
+    # pytest-alembic hands over an Engine.
     connection = config.attributes.get("connection")
+    if isinstance(connection, sa.Engine):
+        with connection.begin() as conn:
+            run_with(conn)
+        return
     if connection is not None:
         run_with(connection)
         return
