@@ -6,7 +6,13 @@ step with projections run by a :class:`Processor` or :class:`Runner`.
 
 from __future__ import annotations
 
-from eventsource.database import create_engine, database_url, downgrade, upgrade
+from eventsource.database import (
+    configure_engine,
+    create_engine,
+    database_url,
+    downgrade,
+    upgrade,
+)
 from eventsource.errors import (
     CheckpointLostError,
     ConfigurationError,
@@ -22,7 +28,14 @@ from eventsource.errors import (
     TransactionIdsAheadError,
     ValidationError,
 )
-from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
+from eventsource.events import (
+    AppendResult,
+    Event,
+    ExpectedVersion,
+    PersistedEvent,
+    Stream,
+    json_default,
+)
 from eventsource.models import TableNames
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy
 from eventsource.processor import BatchResult, Processor, ProcessorConfig
@@ -62,9 +75,11 @@ __all__ = [
     "TableNames",
     "TransactionIdsAheadError",
     "ValidationError",
+    "configure_engine",
     "create_engine",
     "database_url",
     "downgrade",
+    "json_default",
     "run_in_transaction",
     "upgrade",
 ]

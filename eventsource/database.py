@@ -2,11 +2,17 @@
 
 One environment variable, ``DATABASE_URL``, is read here and nowhere else; an explicit
 argument always wins. Plain ``postgresql://`` / ``postgres://`` URLs mean psycopg 3.
+:func:`configure_engine` gives an Engine made elsewhere the set-up :func:`create_engine`
+gives its own (on SQLite: ``BEGIN IMMEDIATE``, WAL, a busy timeout), and
+:func:`require_configured` is how the library refuses one without it. A database never
+migrated is reported by :func:`raise_if_schema_missing`, in the ``except`` clauses
+around the library's statements, never by a query of its own.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -79,14 +85,9 @@ def create_engine(
 ) -> sa.Engine:
     """An Engine set up the way the store and processors need it.
 
-    On SQLite this applies SQLAlchemy's pysqlite recipe: the driver's own transaction
-    handling is turned off and every transaction starts with ``BEGIN IMMEDIATE``, so
-    concurrent writers queue on the busy timeout instead of failing with "database is
-    locked" when a read lock is upgraded, and savepoints work. A connection with the
-    execution option ``eventsource_read_only=True`` starts a deferred transaction
-    instead, which WAL mode lets run beside the writer (``status()`` uses it).
-
-    A SQLite file runs in WAL mode with ``PRAGMA synchronous = FULL`` unless
+    On SQLite it is :func:`configure_engine`'s set-up (see there): every transaction
+    starts with ``BEGIN IMMEDIATE`` (deferred with ``eventsource_read_only=True``), a
+    busy timeout, and for a file WAL mode with ``PRAGMA synchronous = FULL`` unless
     ``sqlite_synchronous="NORMAL"`` asks otherwise: NORMAL commits faster but a power
     loss or OS crash can roll back commits that were already acknowledged (see the
     README). Like SQLAlchemy's ``sqlite_*`` options, ``sqlite_synchronous`` is ignored
@@ -97,57 +98,190 @@ def create_engine(
     an error within about half a minute, which processors retry, instead of a hang.
     Other keyword arguments go to :func:`sqlalchemy.create_engine`.
     """
-    if sqlite_synchronous not in get_args(SqliteSynchronous):
-        raise errors.ConfigurationError(
-            f"sqlite_synchronous must be one of "
-            f"{', '.join(repr(level) for level in get_args(SqliteSynchronous))}, "
-            f"got {sqlite_synchronous!r}"
-        )
+    _check_synchronous(sqlite_synchronous)
     resolved = database_url(url)
     if resolved.get_backend_name() == "postgresql" and resolved.get_driver_name() == "psycopg":
         given = {**resolved.query, **kwargs.get("connect_args", {})}
         defaults = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
         kwargs["connect_args"] = {**defaults, **kwargs.get("connect_args", {})}
-    engine = sa.create_engine(resolved, **kwargs)
-    if engine.dialect.name == "sqlite":
-        _configure_sqlite(
-            engine,
-            in_memory=resolved.database in (None, "", ":memory:"),
-            synchronous=sqlite_synchronous,
+    return configure_engine(
+        sa.create_engine(resolved, **kwargs), sqlite_synchronous=sqlite_synchronous
+    )
+
+
+def configure_engine(
+    engine: sa.Engine,
+    *,
+    sqlite_synchronous: SqliteSynchronous = SQLITE_SYNCHRONOUS_DEFAULT,
+) -> sa.Engine:
+    """Set up an Engine made elsewhere (by Flask-SQLAlchemy, SQLModel, your own
+    :func:`sqlalchemy.create_engine` call) as :func:`create_engine` would; returns it.
+
+    On SQLite this is SQLAlchemy's pysqlite recipe, with ``BEGIN IMMEDIATE``: the
+    driver's own transaction handling is turned off (``isolation_level = None``) and
+    every transaction starts with ``BEGIN IMMEDIATE``, so concurrent writers queue on
+    the busy timeout (:data:`SQLITE_BUSY_TIMEOUT_MS`) instead of failing with
+    "database is locked" when a deferred transaction's read lock is upgraded, and
+    savepoints work. A connection with the execution option
+    ``eventsource_read_only=True`` starts a deferred transaction instead, which WAL
+    mode lets run beside the writer. A file runs in WAL mode with
+    ``PRAGMA synchronous = sqlite_synchronous`` (FULL by default, see
+    :func:`create_engine`). SQLAlchemy's documented recipe may already be on the
+    engine: its plain ``BEGIN`` is replaced by ``BEGIN IMMEDIATE``.
+
+    Call it once at start-up, before the engine serves requests. Calling it again
+    adds nothing (asking for another ``sqlite_synchronous`` raises
+    :class:`~eventsource.errors.ConfigurationError`). Connections already in the pool
+    are set up when next checked out; a :class:`sqlalchemy.engine.Connection` open
+    at the time keeps its old behaviour until it is closed. Pass the Engine itself,
+    not a copy made by ``engine.execution_options(...)`` (copies made before or after
+    share its set-up).
+
+    On PostgreSQL there is nothing to set up and the engine is returned as it is. The
+    libpq timeouts :func:`create_engine` adds (:data:`PG_CONNECT_DEFAULTS`) are
+    connection arguments, which cannot be added to an existing Engine: give them to
+    the engine's maker (``connect_args``, or the URL's query) if you want them.
+    """
+    _check_synchronous(sqlite_synchronous)
+    if not isinstance(engine, sa.Engine):
+        raise errors.ConfigurationError(
+            f"configure_engine needs a SQLAlchemy Engine, got {type(engine).__name__}"
         )
+    if engine.dialect.name != "sqlite":
+        return engine
+    setup = _sqlite_setup(engine)
+    if setup is None:
+        sa.event.listen(
+            engine,
+            "checkout",
+            _SqliteSetup(in_memory=_sqlite_in_memory(engine.url), synchronous=sqlite_synchronous),
+        )
+    elif setup.synchronous != sqlite_synchronous:
+        raise errors.ConfigurationError(
+            f"this engine is already configured with sqlite_synchronous="
+            f"{setup.synchronous!r}; it cannot change to {sqlite_synchronous!r} (make "
+            "another engine)"
+        )
+    if not _has_sqlite_begin(engine):
+        sa.event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
-def _configure_sqlite(
-    engine: sa.Engine, *, in_memory: bool, synchronous: SqliteSynchronous
-) -> None:
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+def require_configured(target: sa.Engine | sa.Connection, *, what: str) -> None:
+    """Refuse a SQLite Engine (or Connection) that :func:`configure_engine` did not set up.
+
+    An Engine must carry both listeners. For a Connection (the store sees nothing
+    else) it is what matters to the transaction in hand: its begin runs our listener,
+    and the driver does not manage transactions behind our savepoints. Cheap (no SQL):
+    the store runs it on every SQLite append. A no-op on other databases.
+    """
+    if target.dialect.name != "sqlite":
+        return
+    if isinstance(target, sa.Connection):
+        dbapi_connection = target.connection.dbapi_connection
+        ready = _has_sqlite_begin(target) and (
+            getattr(dbapi_connection, "isolation_level", None) is None
+        )
+    else:
+        ready = _has_sqlite_begin(target) and _sqlite_setup(target) is not None
+    if not ready:
+        raise errors.ConfigurationError(
+            f"{what}: this SQLite engine is not set up for eventsource. Its transactions "
+            "start deferred (the sqlite3 driver's own handling, or a plain BEGIN as in "
+            "SQLAlchemy's pysqlite recipe), so concurrent writers fail with \"database is "
+            "locked\", and the driver could commit a savepoint behind the caller's back. "
+            "Call eventsource.configure_engine(engine) once on the engine your framework "
+            'made, or make it with eventsource.create_engine(url) (see "Engines your '
+            'framework made" in the README)'
+        )
+
+
+def _check_synchronous(level: object) -> None:
+    if level not in get_args(SqliteSynchronous):
+        raise errors.ConfigurationError(
+            f"sqlite_synchronous must be one of "
+            f"{', '.join(repr(choice) for choice in get_args(SqliteSynchronous))}, "
+            f"got {level!r}"
+        )
+
+
+def _sqlite_in_memory(url: sa.URL) -> bool:
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
+#: ``connection_record.info`` key: this DBAPI connection has had the SQLite set-up.
+#: SQLAlchemy clears that dict whenever the record opens a new DBAPI connection.
+_SQLITE_SETUP_DONE = "eventsource.sqlite_setup"
+
+
+class _SqliteSetup:
+    """The pool "checkout" listener that sets up each SQLite connection once.
+
+    On checkout rather than on connect, so that connections pooled before
+    :func:`configure_engine` are set up too (nothing is closed: an in-memory
+    database, which lives as long as its connection, keeps its data). The cost per
+    checkout is one dict lookup.
+    """
+
+    def __init__(self, *, in_memory: bool, synchronous: SqliteSynchronous) -> None:
+        self.in_memory = in_memory
+        self.synchronous = synchronous
+
+    def __call__(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if _SQLITE_SETUP_DONE in record.info:
+            return
+        dbapi_connection.isolation_level = None  # _sqlite_begin issues BEGIN itself
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-            if not in_memory:
+            if not self.in_memory:
                 cursor.execute("PRAGMA journal_mode = WAL")
-                cursor.execute(f"PRAGMA synchronous = {synchronous}")
+                cursor.execute(f"PRAGMA synchronous = {self.synchronous}")
         finally:
             cursor.close()
+        record.info[_SQLITE_SETUP_DONE] = self.synchronous
 
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(connection: sa.Connection) -> None:
-        if connection.get_execution_options().get(READ_ONLY_OPTION):
+
+def _sqlite_setup(engine: sa.Engine) -> _SqliteSetup | None:
+    # Pool listeners live on the pool, which engine.execution_options() copies share
+    # and engine.dispose() hands on to the next pool.
+    for listener in engine.pool.dispatch.checkout:
+        if isinstance(listener, _SqliteSetup):
+            return listener
+    return None
+
+
+def _has_sqlite_begin(target: sa.Engine | sa.Connection) -> bool:
+    # The target's own listeners joined with its parent's (an Engine's, for a
+    # Connection or an execution_options() copy): what its next begin will run.
+    return _sqlite_begin in target.dispatch.begin
+
+
+def _sqlite_begin(connection: sa.Connection) -> None:
+    """The "begin" listener: BEGIN IMMEDIATE, or a deferred BEGIN for read-only use."""
+    in_transaction = connection.connection.dbapi_connection.in_transaction  # type: ignore[union-attr]
+    if connection.get_execution_options().get(READ_ONLY_OPTION):
+        if not in_transaction:
             connection.exec_driver_sql("BEGIN")
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+    if in_transaction:
+        # A listener registered before ours (SQLAlchemy's pysqlite recipe) has just
+        # issued a plain, deferred BEGIN, and nothing has run in it: start over.
+        connection.exec_driver_sql("ROLLBACK")
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def alembic_config(
     url: str | sa.URL | None = None,
     *,
-    connection: sa.Connection | None = None,
+    connection: sa.Connection | sa.Engine | None = None,
     table_names: models.TableNames | None = None,
 ) -> Config:
-    """An Alembic Config for the library's migrations, with no ``alembic.ini`` needed."""
+    """An Alembic Config for the library's migrations, with no ``alembic.ini`` needed.
+
+    ``connection`` may be an Engine too (the library's env.py connects it), which is
+    what pytest-alembic hands over; without one, the migrations connect to ``url``.
+    """
     from alembic.config import Config
 
     config = Config()
@@ -194,8 +328,14 @@ def upgrade(
     """Apply the library's migrations (``alembic upgrade head``) programmatically.
 
     Refuses a database whose tables were created by an application's own Alembic
-    (they are upgraded there, with ``alembic upgrade heads``).
+    (they are upgraded there, with ``alembic upgrade heads``). Refuses a SQLite
+    Engine that :func:`configure_engine` has not set up, rather than setting it up
+    behind the caller's back: the application's other code shares that engine, and
+    the store would refuse it at the first append anyway. A Connection is taken as
+    it is (it may be a test's outer transaction); the store checks it when it writes.
     """
+    if isinstance(target, sa.Engine):
+        require_configured(target, what="eventsource.upgrade()")
     with _connected(target) as connection:
         _refuse_foreign_schema(connection, table_names or models.TableNames())
         from alembic import command
@@ -209,8 +349,15 @@ def downgrade(
     *,
     table_names: models.TableNames | None = None,
 ) -> None:
-    """Revert the library's migrations (default: remove its tables)."""
+    """Revert the library's migrations (default: remove its tables).
+
+    Refuses a SQLite Engine that :func:`configure_engine` has not set up, as
+    :func:`upgrade` does.
+    """
     from alembic import command
+
+    if isinstance(target, sa.Engine):
+        require_configured(target, what="eventsource.downgrade()")
 
     with _connected(target) as connection:
         command.downgrade(alembic_config(connection=connection, table_names=table_names), revision)
@@ -260,3 +407,68 @@ def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+# -- a database never migrated --------------------------------------------------------
+
+#: The missing table in a driver's error: PostgreSQL's (English) message for
+#: SQLSTATE 42P01 undefined_table, and SQLite's, whose only error code is the generic
+#: SQLITE_ERROR, so its text is all there is to go on.
+_PG_UNDEFINED_TABLE = re.compile(r'relation "(.+)" does not exist')
+_SQLITE_NO_SUCH_TABLE = re.compile(r"no such table: (.+)")
+
+
+def raise_if_schema_missing(
+    exc: sa.exc.DBAPIError, names: models.TableNames, *, own_statement: bool
+) -> None:
+    """Raise :class:`~eventsource.errors.SchemaMissingError` from ``exc`` when it says
+    that one of the library's tables does not exist; return otherwise.
+
+    Called in ``except`` clauses around the library's statements, so a database that
+    was never migrated costs nothing until it fails. A missing table of the
+    application's (a read model a handler writes, flushed by the library's next
+    statement) is not the library's to explain: it is only translated when the error
+    names one of ``names``' tables, or, with ``own_statement`` (a Core statement of
+    the library, which flushes nothing), when PostgreSQL's message names none that
+    can be read (a server whose ``lc_messages`` is not English).
+    """
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) == "42P01":
+        match = _PG_UNDEFINED_TABLE.search(str(orig).partition("\n")[0])
+        folded = False
+        aborted = " (PostgreSQL has aborted the transaction: roll it back)"
+    elif type(orig).__module__ == "sqlite3" and type(orig).__name__ == "OperationalError":
+        match = _SQLITE_NO_SUCH_TABLE.match(str(orig))
+        if match is None:
+            return
+        folded = True  # SQLite compares table names without regard to case
+        aborted = ""
+    else:
+        return
+    ours = (
+        names.events,
+        names.aggregate_heads,
+        names.projection_checkpoints,
+        names.cluster,
+        names.dead_letters,
+    )
+    if match is None:
+        if not own_statement:
+            return
+        missing = "eventsource tables"
+    else:
+        named = match.group(1)
+        candidates = {named, named.rpartition(".")[2]}  # "main.events", "public.events"
+        if folded:
+            candidates = {c.casefold() for c in candidates}
+            hits = [name for name in ours if name.casefold() in candidates]
+        else:
+            hits = [name for name in ours if name in candidates]
+        if not hits:
+            return
+        missing = f"{hits[0]} table"
+    raise errors.SchemaMissingError(
+        f"the database has no {missing}: it has not been migrated. Run `eventsource db "
+        "upgrade` (or `alembic upgrade head`, or eventsource.upgrade(engine)) first"
+        f"{aborted}"
+    ) from exc

@@ -28,9 +28,9 @@ from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from eventsource import cluster, errors, models, retry
+from eventsource import cluster, database, errors, models, retry, signals
 from eventsource.events import PersistedEvent
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy, fnv1a_32
 from eventsource.projection import Projection
@@ -165,10 +165,21 @@ class Processor:
                     class_=engine.class_, **{**engine.kw, "bind": read_committed(self.engine)}
                 )
             )
+        elif isinstance(engine, scoped_session):
+            # Its Session belongs to one request or thread (Flask-SQLAlchemy's to an app
+            # context); batches open and commit their own, in the processor's thread.
+            raise errors.ConfigurationError(
+                "Processor needs an Engine or a sessionmaker, got a scoped_session, whose "
+                "Session belongs to one request or thread; batches commit their own "
+                "transactions, often in another thread: pass the Engine (Flask-SQLAlchemy: "
+                "db.engine) or a sessionmaker"
+            )
         else:
             raise errors.ConfigurationError(
                 f"Processor needs an Engine or a sessionmaker, got {type(engine).__name__}"
             )
+        if self.engine is not None:  # a Connection is the caller's; the store checks it
+            database.require_configured(self.engine, what="Processor")
         self.store = store if store is not None else EventStore()
         if config is None:
             config = ProcessorConfig()
@@ -294,8 +305,13 @@ class Processor:
         start a new projection at the same instant with different ``total_partitions``
         take turns on the projection's lock, and the second one is refused.
         """
-        with self._sessions() as session, session.begin():
-            self._ensure_checkpoint(session, self._queries_for(session, projection), projection)
+        try:
+            with self._sessions() as session, session.begin():
+                queries = self._queries_for(session, projection)
+                self._ensure_checkpoint(session, queries, projection)
+        except sa.exc.DBAPIError as exc:  # a database never migrated fails fast, clearly
+            database.raise_if_schema_missing(exc, self.store.tables.names, own_statement=True)
+            raise
 
     def _ensure_checkpoint(
         self, session: Session, queries: _Queries, projection: Projection
@@ -347,6 +363,11 @@ class Processor:
                 # First batch, or a reset since the last one: create the checkpoint
                 # under the projection's exclusive lock, with the partition check.
                 self.check_partitions(projection)
+            except sa.exc.DBAPIError as exc:
+                # Handlers' errors arrive as ProjectionError; one of their read-model
+                # tables missing (flushed by our statement) names no table of ours.
+                database.raise_if_schema_missing(exc, self.store.tables.names, own_statement=False)
+                raise
 
     def _batch(self, projection: Projection, started: float) -> BatchResult:
         config = self.config
@@ -532,8 +553,12 @@ class Processor:
 
     def _head_position(self) -> int:
         events = self.store.tables.events
-        with self._sessions() as session:
-            top = session.execute(sa.select(sa.func.max(events.c.global_position))).scalar()
+        try:
+            with self._sessions() as session:
+                top = session.execute(sa.select(sa.func.max(events.c.global_position))).scalar()
+        except sa.exc.DBAPIError as exc:
+            database.raise_if_schema_missing(exc, self.store.tables.names, own_statement=True)
+            raise
         return int(top or 0)
 
     def _blocked_before(self, projection: Projection, target: int) -> bool:

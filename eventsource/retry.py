@@ -19,11 +19,12 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from eventsource import errors
 
@@ -250,7 +251,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run_in_transaction(
-    sessions: sessionmaker[Session] | sa.Engine,
+    sessions: sessionmaker[Session] | scoped_session[Any] | sa.Engine,
     work: Callable[[Session], T],
     *,
     attempts: int = 5,
@@ -264,19 +265,43 @@ def run_in_transaction(
     next attempt reloads and decides again. ``work`` must do all its reads inside the
     session it is given (and have no effects outside the database), since it may run
     several times. After ``attempts`` attempts the last error is raised as it is.
+
+    A ``scoped_session`` (Flask-SQLAlchemy's ``db.session``) runs every attempt in its
+    current Session, so code in ``work`` that uses the scoped session directly is in
+    the same transaction; that Session must have no transaction in progress (this
+    commits or rolls back all of it), else :class:`~eventsource.errors.ConfigurationError`.
     """
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
         raise errors.ConfigurationError(f"attempts must be an int >= 1, got {attempts!r}")
-    if isinstance(sessions, sa.Engine):
-        sessions = sessionmaker(sessions, expire_on_commit=False)
-    elif not isinstance(sessions, sessionmaker):
+    new_session: Callable[[], AbstractContextManager[Session]]
+    if isinstance(sessions, scoped_session):
+        scoped: Session = sessions()
+        if scoped.in_transaction():
+            raise errors.ConfigurationError(
+                "run_in_transaction commits or rolls back the whole transaction of the "
+                "scoped_session's current Session, which already has one in progress; "
+                "commit or roll it back first (or pass an Engine or sessionmaker for a "
+                "Session of its own)"
+            )
+
+        def same_session() -> AbstractContextManager[Session]:
+            # Every attempt in that one Session: its begin() block commits or rolls back.
+            return nullcontext(scoped)
+
+        new_session = same_session
+    elif isinstance(sessions, sa.Engine):
+        new_session = sessionmaker(sessions, expire_on_commit=False)
+    elif isinstance(sessions, sessionmaker):
+        new_session = sessions
+    else:
         raise errors.ConfigurationError(
-            f"run_in_transaction needs a sessionmaker or an Engine, got {type(sessions).__name__}"
+            "run_in_transaction needs a sessionmaker, a scoped_session or an Engine, got "
+            f"{type(sessions).__name__}"
         )
     policy = policy or RetryPolicy(initial_backoff=0.01, max_backoff=0.5, budget=None)
     for attempt in range(1, attempts + 1):
         try:
-            with sessions() as session, session.begin():
+            with new_session() as session, session.begin():
                 return work(session)
         except Exception as exc:
             if attempt == attempts or not is_transient(exc):

@@ -18,18 +18,20 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, scoped_session
 
-from eventsource import cluster, errors, models, partition
+from eventsource import cluster, database, errors, models, partition
 from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
 
-SessionOrConnection = Session | sa.Connection
+#: Where the store reads and writes: a Session, a ``scoped_session`` (its current
+#: Session, e.g. Flask-SQLAlchemy's ``db.session``), or a Connection.
+SessionOrConnection = Session | scoped_session[Any] | sa.Connection
 
 DEFAULT_READ_LIMIT = 1000
 
@@ -53,13 +55,20 @@ EVENT_COLUMNS = (
 
 
 def connection_of(session: SessionOrConnection) -> sa.Connection:
-    """The Connection under a Session (joining its transaction), or the Connection itself."""
+    """The Connection under a Session (joining its transaction), or the Connection itself.
+
+    A ``scoped_session`` stands for its registry's current Session (the one the rest
+    of the request or thread uses), so events join the application's transaction.
+    """
+    if isinstance(session, scoped_session):
+        session = session()
     if isinstance(session, Session):
         return session.connection()
     if isinstance(session, sa.Connection):
         return session
     raise errors.ValidationError(
-        f"expected a SQLAlchemy Session or Connection, got {type(session).__name__}"
+        "expected a SQLAlchemy Session or Connection (or a scoped_session), got "
+        f"{type(session).__name__}"
     )
 
 
@@ -97,6 +106,8 @@ class _Batch:
     event_versions: list[int]
     payloads_json: list[str]
     metadatas_json: list[str | None]
+    payloads: list[Any]  # as an AppendResult gives them back (see EventStore)
+    metadatas: list[Mapping[str, Any] | None]
     causation_ids: list[str | None]
     correlation_ids: list[str | None]
     trace_ids: list[str | None]
@@ -104,13 +115,41 @@ class _Batch:
 
 
 class EventStore:
-    """Appends and reads events; the caller owns (begins and commits) the transaction."""
+    """Appends and reads events; the caller owns (begins and commits) the transaction.
 
-    def __init__(self, *, table_names: models.TableNames | None = None) -> None:
+    ``json_default`` converts what JSON has no type for in payloads and metadata
+    (called as ``json.dumps(default=...)`` calls it: return a JSON-able value, or
+    raise ``TypeError``); :func:`eventsource.json_default` handles Decimal (as exact
+    text, never a float), datetime, date, UUID, Enum, dataclasses and pydantic models.
+    Without it such values are refused with a ValidationError, before anything is
+    written. Every database stores the same JSON text, and reads give back the JSON
+    (``"0.10"``, not ``Decimal("0.10")``): converting back is the application's. With
+    a hook, an :class:`~eventsource.AppendResult` carries the payloads as they read
+    back too.
+    """
+
+    def __init__(
+        self,
+        *,
+        table_names: models.TableNames | None = None,
+        json_default: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if json_default is not None and not callable(json_default):
+            raise errors.ConfigurationError(
+                f"json_default must be a function, got {type(json_default).__name__}"
+            )
         self.tables = models.tables_for(table_names or models.TableNames())
+        self.json_default = json_default
+        self._encode = _encode if json_default is None else _encoder(json_default)
         self._pg = _PostgresStatements(self.tables)
         ev = self.tables.events
         self._columns = [ev.c[name] for name in EVENT_COLUMNS]
+        # Payloads go in as the JSON text _validate made (as on PostgreSQL), not through
+        # the JSON type's own json.dumps: one encoding, with the same hook, everywhere.
+        self._insert_generic = ev.insert().values(
+            payload=sa.bindparam("payload", type_=sa.Text()),
+            metadata=sa.bindparam("metadata", type_=sa.Text()),
+        )
 
     # -- append ---------------------------------------------------------------
 
@@ -136,12 +175,16 @@ class EventStore:
             )
         else:
             expected_version = _checked_expectation(expected_version)
-        batch = _validate(events)
+        batch = _validate(events, self._encode, decoded=self.json_default is not None)
         conn = connection_of(session)
-        if conn.dialect.name == "postgresql":
-            stored = self._append_postgres(conn, batch, expected_version)
-        else:
-            stored = self._append_generic(conn, batch, expected_version)
+        try:
+            if conn.dialect.name == "postgresql":
+                stored = self._append_postgres(conn, batch, expected_version)
+            else:
+                stored = self._append_generic(conn, batch, expected_version)
+        except sa.exc.DBAPIError as exc:  # not on the way of a successful append
+            database.raise_if_schema_missing(exc, self.tables.names, own_statement=True)
+            raise
         return AppendResult(tuple(_persisted(batch, stored)))
 
     def _append_postgres(
@@ -167,13 +210,10 @@ class EventStore:
             & (heads.c.aggregate_type == batch.aggregate_type)
             & (heads.c.aggregate_id == batch.aggregate_id)
         )
-        if getattr(conn.connection.dbapi_connection, "isolation_level", None) is not None:
-            # The stdlib driver manages transactions itself: our SAVEPOINT would open the
-            # outermost transaction and its RELEASE commit it, behind the caller's back.
-            raise errors.ConfigurationError(
-                "this SQLite engine lets the sqlite3 driver manage transactions; create it "
-                "with eventsource.create_engine(url) (see the README on SQLite)"
-            )
+        # With the stdlib driver managing transactions, our SAVEPOINT would open the
+        # outermost transaction and its RELEASE commit it, behind the caller's back; a
+        # plain deferred BEGIN (SQLAlchemy's recipe) fails concurrent writers.
+        database.require_configured(conn, what="EventStore.append")
         with conn.begin_nested():
             current = conn.execute(sa.select(heads.c.version).where(key)).scalar()
             if not _satisfies(expected, current):
@@ -211,8 +251,8 @@ class EventStore:
                     "event_id": batch.event_ids[i],
                     "event_type": batch.event_types[i],
                     "event_version": batch.event_versions[i],
-                    "payload": event.payload,
-                    "metadata": None if event.metadata is None else dict(event.metadata),
+                    "payload": batch.payloads_json[i],
+                    "metadata": batch.metadatas_json[i],
                     "causation_id": event.causation_id,
                     "correlation_id": event.correlation_id,
                     "trace_id": event.trace_id,
@@ -223,7 +263,7 @@ class EventStore:
             try:
                 positions = (
                     conn.execute(
-                        events.insert().returning(
+                        self._insert_generic.returning(
                             events.c.global_position, sort_by_parameter_order=True
                         ),
                         rows,
@@ -307,7 +347,11 @@ class EventStore:
         if to_version is not None:
             high = _non_negative("to_version", to_version)
             query = query.where(ev.c.aggregate_version <= high)
-        rows = connection_of(session).execute(query)
+        try:
+            rows = connection_of(session).execute(query)
+        except sa.exc.DBAPIError as exc:
+            database.raise_if_schema_missing(exc, self.tables.names, own_statement=True)
+            raise
         return Stream(
             bounded_context,
             aggregate_type,
@@ -336,7 +380,12 @@ class EventStore:
             .order_by(ev.c.global_position)
             .limit(limit)
         )
-        return [event_from_row(row) for row in connection_of(session).execute(query)]
+        try:
+            rows = connection_of(session).execute(query)
+        except sa.exc.DBAPIError as exc:
+            database.raise_if_schema_missing(exc, self.tables.names, own_statement=True)
+            raise
+        return [event_from_row(row) for row in rows]
 
     def stream_version(
         self,
@@ -347,17 +396,16 @@ class EventStore:
     ) -> int:
         """The aggregate's current version (0 when it has no events), in one lookup."""
         heads = self.tables.aggregate_heads
-        version = (
-            connection_of(session)
-            .execute(
-                sa.select(heads.c.version).where(
-                    heads.c.bounded_context == bounded_context,
-                    heads.c.aggregate_type == aggregate_type,
-                    heads.c.aggregate_id == str(aggregate_id),
-                )
-            )
-            .scalar()
+        query = sa.select(heads.c.version).where(
+            heads.c.bounded_context == bounded_context,
+            heads.c.aggregate_type == aggregate_type,
+            heads.c.aggregate_id == str(aggregate_id),
         )
+        try:
+            version = connection_of(session).execute(query).scalar()
+        except sa.exc.DBAPIError as exc:
+            database.raise_if_schema_missing(exc, self.tables.names, own_statement=True)
+            raise
         return int(version or 0)
 
 
@@ -491,7 +539,15 @@ class _IdentifierQuoter:
 # -- validation ------------------------------------------------------------------
 
 
-def _validate(events: Sequence[Event]) -> _Batch:
+def _validate(
+    events: Sequence[Event], encode: Callable[[object], str] | None = None, *, decoded: bool = False
+) -> _Batch:
+    """Check ``events`` and encode their JSON with ``encode`` (default: no hook).
+
+    ``decoded``: the batch's ``payloads``/``metadatas`` are the JSON read back (a hook
+    may have turned a Decimal into text), not the objects given.
+    """
+    encode = encode or _encode
     if isinstance(events, Event):
         events = [events]
     if not isinstance(events, Sequence) or isinstance(events, str | bytes):
@@ -518,6 +574,8 @@ def _validate(events: Sequence[Event]) -> _Batch:
         event_versions=[],
         payloads_json=[],
         metadatas_json=[],
+        payloads=[],
+        metadatas=[],
         causation_ids=[],
         correlation_ids=[],
         trace_ids=[],
@@ -553,7 +611,7 @@ def _validate(events: Sequence[Event]) -> _Batch:
         for name in ("causation_id", "correlation_id", "trace_id"):
             value = getattr(event, name)
             if value is not None and not isinstance(value, str):
-                raise errors.ValidationError(f"{where}.{name} must be a str or None")
+                raise errors.ValidationError(f"{where}.{name} must be a str, a uuid.UUID or None")
             if value is not None and "\x00" in value:
                 raise errors.ValidationError(f"{where}.{name} contains a NUL character")
             if value is not None:
@@ -566,10 +624,20 @@ def _validate(events: Sequence[Event]) -> _Batch:
         batch.event_ids.append(event.event_id)
         batch.event_types.append(event.event_type)
         batch.event_versions.append(ev_version)
-        batch.payloads_json.append(_to_json(f"{where}.payload", event.payload))
-        batch.metadatas_json.append(
-            None if event.metadata is None else _to_json(f"{where}.metadata", dict(event.metadata))
+        payload_json = _to_json(f"{where}.payload", event.payload, encode)
+        metadata_json = (
+            None
+            if event.metadata is None
+            else _to_json(f"{where}.metadata", dict(event.metadata), encode)
         )
+        batch.payloads_json.append(payload_json)
+        batch.metadatas_json.append(metadata_json)
+        if decoded:
+            batch.payloads.append(json.loads(payload_json))
+            batch.metadatas.append(None if metadata_json is None else json.loads(metadata_json))
+        else:
+            batch.payloads.append(event.payload)
+            batch.metadatas.append(event.metadata)
         batch.causation_ids.append(event.causation_id)
         batch.correlation_ids.append(event.correlation_id)
         batch.trace_ids.append(event.trace_id)
@@ -647,13 +715,29 @@ def _require_utf8(what: str, value: str) -> None:
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
-#: One encoder for every value (json.dumps with options builds a new one per call).
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+def _no_json_default(value: object) -> NoReturn:
+    raise TypeError(
+        f"Object of type {type(value).__name__} is not JSON serializable; give the store a "
+        "hook that converts it: EventStore(json_default=eventsource.json_default) handles "
+        "Decimal (as exact text, never a float), datetime, date, UUID, Enum, dataclasses "
+        "and pydantic models"
+    )
 
 
-def _to_json(what: str, value: object) -> str:
+def _encoder(default: Callable[[Any], Any]) -> Callable[[object], str]:
+    return json.JSONEncoder(
+        separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=default
+    ).encode
+
+
+#: One encoder for every value (json.dumps with options builds a new one per call);
+#: a store with a ``json_default`` has its own.
+_encode = _encoder(_no_json_default)
+
+
+def _to_json(what: str, value: object, encode: Callable[[object], str] = _encode) -> str:
     try:
-        text = _encode(value)
+        text = encode(value)
     except RecursionError as exc:
         # Deeper than the interpreter's recursion limit allows here: far beyond the limit.
         raise errors.ValidationError(
@@ -751,14 +835,14 @@ def _persisted(batch: _Batch, stored: list[tuple[int, int]]) -> list[PersistedEv
             event_id=event.event_id,
             event_type=event.event_type,
             event_version=event.event_version,
-            payload=event.payload,
-            metadata=event.metadata,
+            payload=payload,
+            metadata=metadata,
             causation_id=event.causation_id,
             correlation_id=event.correlation_id,
             trace_id=event.trace_id,
             created_at=created,
         )
-        for event, created, (version, position) in zip(
-            batch.events, batch.created_ats, stored, strict=True
+        for event, payload, metadata, created, (version, position) in zip(
+            batch.events, batch.payloads, batch.metadatas, batch.created_ats, stored, strict=True
         )
     ]
