@@ -39,7 +39,13 @@ from eventsource.processor import ProcessorConfig, lock_projection, read_committ
 from eventsource.projection import OnError, Projection
 from eventsource.rebuild import DEFAULT_WAIT
 from eventsource.retry import is_transient
-from eventsource.store import EVENT_COLUMNS, EventStore, event_from_row
+from eventsource.store import (
+    EVENT_COLUMNS,
+    EventStore,
+    SessionOrConnection,
+    connection_of,
+    event_from_row,
+)
 
 logger = logging.getLogger("eventsource.deadletters")
 
@@ -129,7 +135,7 @@ class DiscardResult:
 
 
 def list_dead_letters(
-    target: sa.Engine | sa.Connection | Session,
+    target: sa.Engine | SessionOrConnection,
     *,
     projection: str | None = None,
     store: EventStore | None = None,
@@ -146,8 +152,7 @@ def list_dead_letters(
             # Only reads: on SQLite do not queue behind writers for the write lock.
             connection.execution_options(**{database.READ_ONLY_OPTION: True})
             return _read(connection, store, query)
-    connection = target.connection() if isinstance(target, Session) else target
-    return _read(connection, store, query)
+    return _read(connection_of(target), store, query)
 
 
 def retry(

@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from eventsource import errors
+from eventsource import database, errors
 from eventsource.processor import (
     BatchResult,
     Processor,
@@ -39,7 +39,7 @@ from eventsource.processor import (
 )
 from eventsource.projection import Projection
 from eventsource.status import require_schema
-from eventsource.store import EventStore
+from eventsource.store import EventStore, SessionOrConnection
 
 #: How long a reset or rebuild waits for the batches in hand by default (seconds).
 DEFAULT_WAIT = 60.0
@@ -72,7 +72,7 @@ def has_reset(projection: Projection) -> bool:
 
 
 def reset(
-    target: sa.Engine | sa.Connection | Session,
+    target: sa.Engine | SessionOrConnection,
     name: str,
     *,
     store: EventStore | None = None,
@@ -96,6 +96,7 @@ def reset(
         raise errors.ConfigurationError(f"reset({name!r}) was given projection {projection.name!r}")
     _check_read_model(name, projection, keep_read_model, "reset")
     if isinstance(target, sa.Engine):
+        database.require_configured(target, what="reset")
         with Session(read_committed(target)) as session, session.begin():
             return reset(
                 session,
@@ -105,7 +106,12 @@ def reset(
                 keep_read_model=keep_read_model,
                 wait=wait,
             )
-    session = target if isinstance(target, Session) else Session(bind=target)
+    if isinstance(target, scoped_session):  # its registry's current Session
+        session = target()
+    elif isinstance(target, Session):
+        session = target
+    else:
+        session = Session(bind=target)
     require_schema(session.connection(), store)
     lock_projection(session, name, store=store, timeout=wait)
     ck = store.tables.projection_checkpoints
@@ -139,6 +145,7 @@ def rebuild(
     """
     store = store or EventStore()
     _check_read_model(projection.name, projection, keep_read_model, "rebuild")
+    database.require_configured(engine, what="rebuild")
     started = time.monotonic()
     with read_committed(engine).connect() as connection, connection.begin():
         require_schema(connection, store)

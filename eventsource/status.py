@@ -8,12 +8,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from eventsource import cluster, database, errors
 from eventsource.models import _PGXid8
 from eventsource.projection import Projection
-from eventsource.store import EventStore
+from eventsource.store import EventStore, SessionOrConnection, connection_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +40,7 @@ class ProjectionStatus:
 
 
 def status(
-    target: sa.Engine | sa.Connection | Session,
+    target: sa.Engine | SessionOrConnection,
     *,
     store: EventStore | None = None,
     projections: Iterable[str | Projection] = (),
@@ -61,8 +60,7 @@ def status(
             # Only reads: on SQLite do not queue behind writers for the write lock.
             connection.execution_options(**{database.READ_ONLY_OPTION: True})
             return _status(connection, store, projections, now)
-    connection = target.connection() if isinstance(target, Session) else target
-    return _status(connection, store, projections, now)
+    return _status(connection_of(target), store, projections, now)
 
 
 def _status(

@@ -25,8 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import eventsource as es
+from eventsource import deadletters, models, rebuild, status
 from eventsource import events as events_module
-from eventsource import models
 
 BC = "shop"
 AT = "Order"
@@ -521,3 +521,25 @@ def comparable(event: es.PersistedEvent) -> list[tuple[type, str]]:
         (type(value), json.dumps(value, sort_keys=True, default=repr, separators=(",", ":")))
         for value in (getattr(event, f.name) for f in dataclasses.fields(event))
     ]
+
+
+class Seen(es.Projection):
+    name = "seen"
+
+    def handle(self, event: es.PersistedEvent, session: Session) -> None:
+        pass
+
+
+def test_operations_take_a_scoped_session(
+    engine: sa.Engine, store: es.EventStore, scoped: scoped_session[Session]
+) -> None:
+    """status, dead letters and reset take a scoped_session as they take a Session."""
+    with scoped.begin():
+        store.append(scoped, [make_event()])
+    es.Processor(engine, store).run_until_caught_up(Seen())
+    with scoped.begin():
+        [row] = status.status(scoped, store=store)
+        assert (row.projection, row.lag) == ("seen", 0)
+        assert deadletters.list_dead_letters(scoped, store=store) == []
+        assert rebuild.reset(scoped, "seen", store=store, keep_read_model=True) == 1
+    assert status.status(engine, store=store) == []  # the reset committed with the Session

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 import eventsource as es
-from eventsource import database
+from eventsource import database, rebuild
 
 THREADS = 8
 REQUESTS = 20
@@ -90,6 +90,10 @@ def test_the_library_refuses_an_engine_it_did_not_set_up(app_engine: sa.Engine) 
         es.Processor(app_engine)
     with pytest.raises(es.ConfigurationError, match=NAMES_CONFIGURE):
         es.Processor(sessionmaker(app_engine))
+    with pytest.raises(es.ConfigurationError, match=NAMES_CONFIGURE):
+        rebuild.rebuild(app_engine, Counter(), keep_read_model=True)
+    with pytest.raises(es.ConfigurationError, match=NAMES_CONFIGURE):
+        rebuild.reset(app_engine, "anything", keep_read_model=True)
     # The store sees only the session: it refuses at the append, before writing.
     with (
         Session(app_engine) as session,
