@@ -408,6 +408,7 @@ class Processor:
             # savepoints (_handle_quarantining); the default STOP keeps this plain loop.
             quarantining = _quarantines(projection)
             wanted: list[PersistedEvent] = []
+            last_handled: PersistedEvent | None = None
             for row in rows:
                 event = event_from_row(row)
                 if filter_in_python and not config.partition_strategy.should_process(
@@ -422,6 +423,7 @@ class Processor:
                     except Exception as exc:
                         raise self._handler_error(projection, event, exc) from exc
                     handled += 1
+                    last_handled = event
                 tx, pos = row[-1], event.global_position
             if wanted and quarantining:
                 handled = self._handle_quarantining(projection, wanted, session)
@@ -431,6 +433,15 @@ class Processor:
                 except Exception as exc:
                     raise self._handler_error(projection, wanted, exc) from exc
                 handled = len(wanted)
+            failed_on = wanted if wanted and not quarantining else last_handled
+            if failed_on and (session.new or session.dirty or session.deleted):
+                # The handlers' pending ORM writes are part of their work: flushed here, a
+                # failure (a missing read-model table, a constraint) is theirs, not a raw
+                # error from our checkpoint statement.
+                try:
+                    session.flush()
+                except Exception as exc:
+                    raise self._handler_error(projection, failed_on, exc) from exc
             if (
                 checkpoint.own_transaction is not None
                 and tx == checkpoint.own_transaction
