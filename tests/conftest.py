@@ -120,6 +120,23 @@ def db_url(request: pytest.FixtureRequest) -> sa.URL:
     return url
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> sa.URL:
+    """A database with no tables at all (never migrated), on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return sa.make_url(f"sqlite:///{tmp_path / 'empty.db'}")
+    url: sa.URL = request.getfixturevalue("empty_pg_url")
+    return url
+
+
+@pytest.fixture
+def empty_engine(empty_url: sa.URL) -> Iterator[sa.Engine]:
+    """An engine on ``empty_url``."""
+    eng = eventsource.create_engine(empty_url, poolclass=sa.NullPool)
+    yield eng
+    eng.dispose()
+
+
 @pytest.fixture
 def engine(db_url: sa.URL) -> Iterator[sa.Engine]:
     """An engine on a freshly migrated database (SQLite and PostgreSQL)."""

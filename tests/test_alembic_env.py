@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import alembic
@@ -62,22 +61,6 @@ REVISION_TITLES = {
     "es0002": "Cluster record",
     "es0003": "Dead letters",
 }
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> sa.URL:
-    """A database with no tables at all: a SQLite file, or a throwaway PostgreSQL one."""
-    if request.param == "sqlite":
-        return sa.make_url(f"sqlite:///{tmp_path / 'empty.db'}")
-    url: sa.URL = request.getfixturevalue("empty_pg_url")
-    return url
-
-
-@pytest.fixture
-def empty_engine(empty_url: sa.URL) -> Iterator[sa.Engine]:
-    engine = es.create_engine(empty_url, poolclass=sa.NullPool)
-    yield engine
-    engine.dispose()
 
 
 def table_names(engine: sa.Engine) -> set[str]:

@@ -648,14 +648,6 @@ def test_quarantine_needs_the_dead_letter_table_stop_does_not(empty_url: sa.URL)
         engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> sa.URL:
-    if request.param == "sqlite":
-        return sa.make_url(f"sqlite:///{tmp_path / 'empty.db'}")
-    url: sa.URL = request.getfixturevalue("empty_pg_url")
-    return url
-
-
 def test_each_quarantined_event_logs_a_warning_after_the_commit(
     db: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:

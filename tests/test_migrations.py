@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,22 +37,6 @@ CUSTOM_NAMES = models.TableNames(
     aggregate_heads="app_heads",
     projection_checkpoints="app_checkpoints",
 )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> sa.URL:
-    """A database with no tables at all."""
-    if request.param == "sqlite":
-        return sa.make_url(f"sqlite:///{tmp_path / 'empty.db'}")
-    url: sa.URL = request.getfixturevalue("empty_pg_url")
-    return url
-
-
-@pytest.fixture
-def empty_engine(empty_url: sa.URL) -> Iterator[sa.Engine]:
-    engine = es.create_engine(empty_url, poolclass=sa.NullPool)
-    yield engine
-    engine.dispose()
 
 
 def table_names(engine: sa.Engine) -> set[str]:

@@ -844,18 +844,6 @@ CUSTOM_NAMES = models.TableNames(
 )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    """An engine on a database with no tables at all."""
-    if request.param == "sqlite":
-        url: str | sa.URL = f"sqlite:///{tmp_path / 'empty.db'}"
-    else:
-        url = request.getfixturevalue("empty_pg_url")
-    engine = es.create_engine(url, poolclass=sa.NullPool)
-    yield engine
-    engine.dispose()
-
-
 def test_custom_table_names(empty_engine: sa.Engine) -> None:
     es.upgrade(empty_engine, table_names=CUSTOM_NAMES)
     assert set(sa.inspect(empty_engine).get_table_names()) == {

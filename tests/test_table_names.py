@@ -9,9 +9,6 @@ SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -25,17 +22,6 @@ ODD = models.TableNames(
     aggregate_heads='he%ads "quoted"',
     projection_checkpoints="check%points",
 )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    if request.param == "sqlite":
-        url: str | sa.URL = f"sqlite:///{tmp_path / 'empty.db'}"
-    else:
-        url = request.getfixturevalue("empty_pg_url")
-    engine = es.create_engine(url, poolclass=sa.NullPool)
-    yield engine
-    engine.dispose()
 
 
 def test_the_cluster_record_is_named_after_the_events_table() -> None:
