@@ -17,9 +17,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from pytest_alembic.plugin.fixtures import alembic_runner
 
 import eventsource
 from eventsource import database
+
+# pytest-alembic's fixture, for the tests that run its built-in migration tests: its
+# plugin is off (pyproject.toml), so the fixture is brought in here.
+__all__ = ["alembic_runner"]
 
 
 def pg_admin_url() -> sa.URL:
