@@ -313,16 +313,22 @@ def test_one_failing_projection_stops_the_runner_and_others_keep_their_progress(
 def test_runner_names_the_projection_when_it_fails_outside_handle(
     engine: sa.Engine, store: es.EventStore
 ) -> None:
-    """A database error outside handle() (here: no checkpoint table) is still named."""
+    """A database error outside handle() (here: a column the processor needs is gone)
+    is still named; a missing library table is the typed SchemaMissingError."""
     create_applied_table(engine)
     append_spread(engine, store, 5)
     with engine.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE projection_checkpoints")
+        conn.exec_driver_sql("ALTER TABLE projection_checkpoints DROP COLUMN events_handled")
     with pytest.raises(es.ProjectionError, match="log_a") as info:
         es.Runner(handle_signals=False).run_until_caught_up([(LogA(), processor(engine, store))])
     assert info.value.projection == "log_a"
     assert info.value.global_position is None
     assert isinstance(info.value.__cause__, sa.exc.DBAPIError)
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE projection_checkpoints")
+    with pytest.raises(es.SchemaMissingError, match="eventsource db upgrade"):
+        es.Runner(handle_signals=False).run_until_caught_up([(LogA(), processor(engine, store))])
 
 
 # -- stopping ---------------------------------------------------------------------------
