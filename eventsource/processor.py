@@ -224,12 +224,13 @@ class Processor:
         self._log_start(projection, "run")
         retrier = Retrier(self.config.retry, self._describe(projection))
         try:
-            with signals.graceful_stop(self.stop, enabled=handle_signals):
+            with signals.graceful_stop(self.stop, enabled=handle_signals, log=logger):
                 self._retrying(projection, retrier, lambda: self.check_partitions(projection))
                 while not self._stop.is_set():
                     result = self._retrying(
                         projection, retrier, lambda: self.process_batch(projection)
                     )
+                    self._watch_horizon(projection, result)
                     if not result.full:
                         self._stop.wait(self.config.poll_interval)
         except _Stopped:

@@ -119,7 +119,7 @@ class Runner:
             for pair in runners
         ]
         try:
-            with signals.graceful_stop(self._interrupt, enabled=self.handle_signals):
+            with signals.graceful_stop(self._interrupt, enabled=self.handle_signals, log=logger):
                 for thread in threads:
                     thread.start()
                 for thread in threads:

@@ -28,9 +28,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def graceful_stop(stop: Callable[[], None], *, enabled: bool = True) -> Iterator[None]:
+def graceful_stop(
+    stop: Callable[[], None], *, enabled: bool = True, log: logging.Logger = logger
+) -> Iterator[None]:
     """Within the block, the first SIGINT/SIGTERM calls ``stop()``, the second raises
     ``KeyboardInterrupt``. Does nothing when not ``enabled`` or off the main thread.
+    What happens is logged on ``log`` (the runner's or the processor's logger).
 
     ``stop`` runs in a short-lived thread, not in the handler: a handler runs between
     two bytecodes of the main thread, which may hold the very lock ``stop`` needs (a
@@ -47,9 +50,9 @@ def graceful_stop(stop: Callable[[], None], *, enabled: bool = True) -> Iterator
         if stoppers:
             # The batches in hand are taking too long: give up on them (their
             # transactions roll back as the exception unwinds or the process exits).
-            logger.warning("received %s again: stopping now", name)
+            log.warning("received %s again: stopping now", name)
             raise KeyboardInterrupt
-        logger.info(
+        log.info(
             "received %s: finishing the batches in hand, then stopping "
             "(send it again to stop at once)",
             name,

@@ -8,17 +8,16 @@ repeats an event.
     python examples/single_worker/main.py                    # catch up, then exit
     python examples/single_worker/main.py --follow           # keep running; Ctrl+C stops
 
-This uses a Processor directly, with its own signal handling; a Runner does the same
-for several projections at once (see ../multiple_projections).
+This uses a Processor directly: run() stops cleanly on Ctrl+C or SIGTERM by itself
+(the batch in hand commits, then it returns); a Runner does the same for several
+projections at once (see ../multiple_projections).
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import uuid
-from types import FrameType
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -125,15 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     projection = SubscriberList()
     processor = Processor(engine, store, ProcessorConfig(batch_size=10))
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        print(f"{signal.Signals(signum).name}: finishing the batch in hand, then stopping")
-        processor.stop()  # thread-safe; run() returns after committing the current batch
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-
     if args.follow:
         print("Following new events; press Ctrl+C to stop.")
+        # Ctrl+C / SIGTERM: the batch in hand commits, then run() returns (a second
+        # Ctrl+C stops at once, rolling that batch back). processor.stop() from another
+        # thread does the same.
         processor.run(projection)
         print("Stopped.")
     else:
