@@ -126,9 +126,11 @@ def test_rebuild_keeps_the_partition_count(read_model: sa.Engine, store: es.Even
     assert sum(r.events_handled for r in rows) == 30
 
 
-def test_failed_rebuild_leaves_read_model_and_checkpoint_as_before(
+def test_failed_atomic_rebuild_leaves_read_model_and_checkpoint_as_before(
     read_model: sa.Engine, store: es.EventStore
 ) -> None:
+    """atomic=True: one transaction (an online rebuild that fails keeps what it committed,
+    see test_online_rebuild)."""
     engine = read_model
     append_spread(engine, store, 20)
     processor(engine, store).run_until_caught_up(Rebuildable())
@@ -141,7 +143,7 @@ def test_failed_rebuild_leaves_read_model_and_checkpoint_as_before(
     seen: list[RebuildProgress] = []
     failing = Rebuildable(fail_when=lambda e: e.global_position == 13)
     with pytest.raises(es.ProjectionError, match="position 13") as raised:
-        rebuild(engine, failing, batch_size=5, on_progress=seen.append)
+        rebuild(engine, failing, batch_size=5, on_progress=seen.append, atomic=True)
 
     assert isinstance(raised.value.__cause__, Boom)
     assert Rebuildable.resets == resets_before + 1  # it did clear the read model...
