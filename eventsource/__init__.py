@@ -24,9 +24,11 @@ from eventsource.errors import (
     PartitionCountChangedError,
     ProjectionBusyError,
     ProjectionError,
+    ProjectionRetiredError,
     SchemaMissingError,
     TransactionIdsAheadError,
     ValidationError,
+    VersionNotCaughtUpError,
 )
 from eventsource.events import (
     AppendResult,
@@ -67,6 +69,7 @@ __all__ = [
     "Projection",
     "ProjectionBusyError",
     "ProjectionError",
+    "ProjectionRetiredError",
     "ProjectionRunner",
     "RetryPolicy",
     "Runner",
@@ -75,6 +78,7 @@ __all__ = [
     "TableNames",
     "TransactionIdsAheadError",
     "ValidationError",
+    "VersionNotCaughtUpError",
     "configure_engine",
     "create_engine",
     "database_url",

@@ -295,7 +295,8 @@ def apply_quarantining(
     """
     sequenced = projection.on_error is OnError.QUARANTINE_AGGREGATE
     table = tables.dead_letters
-    parked = _parked_heads(session, table, projection.name, config) if sequenced else {}
+    name = projection.checkpoint_name  # each version of a projection has its own
+    parked = _parked_heads(session, table, name, config) if sequenced else {}
     whole = type(projection).handle_batch is not Projection.handle_batch
     stored: list[tuple[PersistedEvent, int, int | None, BaseException | None]] = []
 
@@ -316,7 +317,7 @@ def apply_quarantining(
         return None
 
     def park(event: PersistedEvent, head: int) -> None:
-        row_id = _store(session, table, projection.name, config, event, parked_behind=head)
+        row_id = _store(session, table, name, config, event, parked_behind=head)
         stored.append((event, row_id, head, None))
 
     free = [event for event in events if _key(event) not in parked]
@@ -338,7 +339,7 @@ def apply_quarantining(
         if failure is None:
             handled += 1
             continue
-        row_id = _store(session, table, projection.name, config, event, error=failure)
+        row_id = _store(session, table, name, config, event, error=failure)
         stored.append((event, row_id, None, failure))
         if sequenced:
             parked[key] = row_id
@@ -380,8 +381,8 @@ def _projections_by_name(projections: Projection | Iterable[Projection]) -> dict
     for item in items:
         if not isinstance(item, Projection):
             raise errors.ConfigurationError(f"expected Projection instances, got {item!r}")
-        if by_name.setdefault(item.name, item) is not item:
-            raise errors.ConfigurationError(f"two projections are named {item.name!r}")
+        if by_name.setdefault(item.checkpoint_name, item) is not item:
+            raise errors.ConfigurationError(f"two projections are named {item.checkpoint_name!r}")
     return by_name
 
 
@@ -574,7 +575,7 @@ def _report(
     """After the batch commits: a WARNING per stored event, and the metric."""
     if not stored:
         return
-    name = projection.name
+    name = projection.checkpoint_name
 
     def committed(_session: Session) -> None:
         try:
@@ -637,7 +638,7 @@ def _retry_one(
     """Retry dead letter ``head_id`` and its parked followers (the lock is held)."""
     found = _load(session, store, [head_id])
     if not found:
-        return RetryResult(head_id, projection.name, 0, "gone")
+        return RetryResult(head_id, projection.checkpoint_name, 0, "gone")
     entry = found[0]
     if entry.parked_behind is not None:
         raise errors.DeadLetterError(

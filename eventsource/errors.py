@@ -14,6 +14,8 @@
     ├── CheckpointLostError                    a checkpoint row vanished mid-batch; rolled back
     ├── DatabaseUnavailableError               transient failures outlasted the retry policy
     ├── DeadLetterError                        a dead-letter retry/discard was refused
+    ├── VersionNotCaughtUpError                a switch to a version that still lags
+    ├── ProjectionRetiredError                 a version readers have left; stop its workers
     └── ProjectionError                        a projection's handler raised (see __cause__)
 """
 
@@ -106,6 +108,25 @@ class DeadLetterError(EventSourceError):
     the event it waits for, a projection not given); nothing was changed.
 
     See :mod:`eventsource.deadletters`.
+    """
+
+
+class VersionNotCaughtUpError(EventSourceError):
+    """A switch to a projection version that has not caught up (lag > 0, or some of its
+    partitions never ran) was refused; nothing was changed. See :mod:`eventsource.versions`.
+    """
+
+    def __init__(self, message: str, *, projection: str, version: int, lag: int) -> None:
+        super().__init__(message)
+        self.projection = projection
+        self.version = version
+        self.lag = lag
+
+
+class ProjectionRetiredError(EventSourceError):
+    """A projection version that readers have left (:func:`eventsource.versions.switch`
+    retired it) was asked to run or to become active again; nothing was changed.
+    Versions only move forward: deploy older code as a new version.
     """
 
 

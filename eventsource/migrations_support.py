@@ -44,6 +44,7 @@ def table_names() -> models.TableNames:
         ),
         cluster=x.get("cluster_table", ""),  # empty: derived from the events table's name
         dead_letters=x.get("dead_letters_table", ""),  # likewise
+        projection_versions=x.get("projection_versions_table", ""),  # likewise
     )
 
 

@@ -1,8 +1,9 @@
 """The library's tables, as SQLAlchemy models, on PostgreSQL and SQLite.
 
 Events, aggregate heads and projection checkpoints, plus a one-row record of the
-PostgreSQL cluster that wrote them (see :mod:`eventsource.cluster`) and the events
-projections quarantined (see :mod:`eventsource.deadletters`). Table names are
+PostgreSQL cluster that wrote them (see :mod:`eventsource.cluster`), the events
+projections quarantined (see :mod:`eventsource.deadletters`) and the version of each
+versioned projection that readers use (see :mod:`eventsource.versions`). Table names are
 configurable (:class:`TableNames`); :func:`define_tables` builds Core tables for any
 names, and the declarative models below map the default ones. The Alembic migrations
 in ``eventsource/migrations`` create the same schema; a test proves the two agree.
@@ -60,6 +61,12 @@ class Xid8(TypeDecorator[int]):
 
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> int | None:
         return None if value is None else int(value)
+
+
+def as_xid8(value: int) -> sa.ColumnElement[Any]:
+    """A stored transaction id (an int) as a PostgreSQL ``xid8``, to compare with the
+    events' column in SQL (no cast from bigint exists; one from text does)."""
+    return sa.cast(sa.cast(sa.literal(value, sa.BigInteger), sa.Text), _PGXid8())
 
 
 class current_transaction_id(FunctionElement[int]):
@@ -123,8 +130,10 @@ MAX_IDENTIFIER_BYTES = 63
 class TableNames:
     """Names of the library's tables; change them to share a schema with other tables.
 
-    ``cluster`` defaults to ``<events>_cluster`` and ``dead_letters`` to
-    ``<events>_dead_letters``, so two sets of names in one database never share them.
+    ``cluster`` defaults to ``<events>_cluster``, ``dead_letters`` to
+    ``<events>_dead_letters`` and ``projection_versions`` to
+    ``<events>_projection_versions``, so two sets of names in one database never share
+    them.
     Names are checked here, before any SQL: each must be a non-empty
     str, and every identifier derived from them (constraints, indexes, the version
     table) must fit PostgreSQL's 63 bytes, which it would otherwise truncate.
@@ -137,10 +146,19 @@ class TableNames:
     """The one-row record of the PostgreSQL cluster that wrote the store."""
     dead_letters: str = ""
     """Events that projections quarantined (``OnError.QUARANTINE*``)."""
+    projection_versions: str = ""
+    """Which version of each versioned projection readers use (see eventsource.versions)."""
 
     def __post_init__(self) -> None:
-        fields = ("events", "aggregate_heads", "projection_checkpoints", "cluster", "dead_letters")
-        derived = ("cluster", "dead_letters")
+        fields = (
+            "events",
+            "aggregate_heads",
+            "projection_checkpoints",
+            "cluster",
+            "dead_letters",
+            "projection_versions",
+        )
+        derived = ("cluster", "dead_letters", "projection_versions")
         for field in fields:
             value = getattr(self, field)
             if field in derived and value == "":
@@ -160,6 +178,8 @@ class TableNames:
             object.__setattr__(self, "cluster", f"{self.events}_cluster")
         if not self.dead_letters:
             object.__setattr__(self, "dead_letters", f"{self.events}_dead_letters")
+        if not self.projection_versions:
+            object.__setattr__(self, "projection_versions", f"{self.events}_projection_versions")
         names = [getattr(self, field) for field in fields]
         if len(set(names)) < len(names):
             raise errors.ConfigurationError(
@@ -194,6 +214,8 @@ class TableNames:
             ("dead_letters", f"pk_{self.dead_letters}"),
             ("dead_letters", f"uq_{self.dead_letters}_event"),
             ("dead_letters", f"ix_{self.dead_letters}_aggregate"),
+            ("projection_versions", self.projection_versions),
+            ("projection_versions", f"pk_{self.projection_versions}"),
         ]
 
 
@@ -208,6 +230,7 @@ class Tables:
     projection_checkpoints: sa.Table
     cluster: sa.Table
     dead_letters: sa.Table
+    projection_versions: sa.Table
 
 
 def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
@@ -322,7 +345,19 @@ def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
         ),
         sqlite_autoincrement=True,
     )
-    return Tables(names, metadata, events, heads, checkpoints, cluster, dead_letters)
+    # The version of each versioned projection that readers use, set by
+    # eventsource.versions.switch (no row: the projection was never switched).
+    projection_versions = sa.Table(
+        names.projection_versions,
+        metadata,
+        sa.Column("projection_name", sa.Text, primary_key=True),
+        sa.Column("active_version", sa.Integer, nullable=False),
+        sa.Column("previous_version", sa.Integer, nullable=True),
+        sa.Column("switched_at", UtcDateTime, nullable=False),
+    )
+    return Tables(
+        names, metadata, events, heads, checkpoints, cluster, dead_letters, projection_versions
+    )
 
 
 @functools.cache
@@ -427,3 +462,14 @@ class DeadLetterRecord(Base):
     traceback: Mapped[str | None]
     created_at: Mapped[datetime]
     last_failed_at: Mapped[datetime | None]
+
+
+class ProjectionVersionRecord(Base):
+    """Which version of a projection readers use (see eventsource.versions)."""
+
+    __table__ = DEFAULT_TABLES.projection_versions
+
+    projection_name: Mapped[str]
+    active_version: Mapped[int]
+    previous_version: Mapped[int | None]
+    switched_at: Mapped[datetime]

@@ -5,6 +5,11 @@ processor's session: read-model writes and the checkpoint commit together, so ea
 event's effect on the database happens exactly once. ``on_error`` chooses what a
 handler's own (permanent) error does: stop the projection, or quarantine the event
 (see :mod:`eventsource.deadletters`).
+
+A projection may declare a ``version`` to be rebuilt blue/green: each version keeps its
+own checkpoints (:attr:`Projection.checkpoint_name`) and its own tables
+(:meth:`Projection.table_name`), so a new version builds beside the one readers use
+until :func:`eventsource.versions.switch` moves them over.
 """
 
 from __future__ import annotations
@@ -65,12 +70,17 @@ class Projection:
     aggregate_types: tuple[str, ...] = ()
     bounded_contexts: tuple[str, ...] = ()
     on_error: OnError = OnError.STOP
+    version: int | None = None
+    """The read model's version, for blue/green rebuilds (see :mod:`eventsource.versions`):
+    each version has its own checkpoints and tables. None (the default): unversioned,
+    checkpoints keyed by ``name`` alone, as before versions existed."""
 
     def __init_subclass__(cls, *, abstract: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.aggregate_types = _names(cls, "aggregate_types")
         cls.bounded_contexts = _names(cls, "bounded_contexts")
         check_on_error(cls.on_error, cls.__qualname__)
+        check_version(cls.version, cls.__qualname__)
         if abstract:
             return
         name = getattr(cls, "name", None)
@@ -78,6 +88,11 @@ class Projection:
             raise errors.ConfigurationError(
                 f"{cls.__qualname__} needs a non-empty `name` class attribute: it keys the "
                 "projection's checkpoints (pass abstract=True for a base class)"
+            )
+        if VERSION_SEPARATOR in name:
+            raise errors.ConfigurationError(
+                f"{cls.__qualname__}.name {name!r} must not contain {VERSION_SEPARATOR!r}: "
+                "it separates a projection's name from its version (set `version` instead)"
             )
         if cls.handle is Projection.handle and cls.handle_batch is Projection.handle_batch:
             raise errors.ConfigurationError(
@@ -103,8 +118,58 @@ class Projection:
     def reset(self, session: Session) -> None:
         """Clear the read model before a rebuild (optional; the default does nothing)."""
 
+    def retire(self, session: Session) -> None:
+        """Drop this version's read model once readers have moved to another version.
+
+        Optional (the default does nothing): :func:`eventsource.versions.switch` calls it
+        on the projection given as ``retire=``, in the switch's transaction. Readers that
+        resolved this version just before the switch may still be reading it, so a live
+        application usually keeps the old tables until a later release drops them.
+        """
+
+    @property
+    def checkpoint_name(self) -> str:
+        """What keys this projection's checkpoints and dead letters, and its lock:
+        ``name`` for an unversioned projection, ``"<name>@v<version>"`` for a versioned
+        one, so two versions progress independently."""
+        return versioned_name(self.name, self.version)
+
+    def table_name(self, base: str) -> str:
+        """The name of one of this version's read-model tables: ``base`` unversioned,
+        ``"<base>_v<version>"`` otherwise (``table_name("user_stats")`` is
+        ``"user_stats_v2"`` at version 2). Readers get the same name from
+        :func:`eventsource.versions.table_name` and the active version."""
+        return versioned_table(base, self.version)
+
     def __repr__(self) -> str:
+        if self.version is not None:
+            return f"<{type(self).__qualname__} name={self.name!r} version={self.version}>"
         return f"<{type(self).__qualname__} name={self.name!r}>"
+
+
+#: Separates a projection's name from its version in :attr:`Projection.checkpoint_name`.
+VERSION_SEPARATOR = "@v"
+
+
+def versioned_name(name: str, version: int | None) -> str:
+    """The checkpoint name of projection ``name`` at ``version`` (None: ``name``)."""
+    return name if version is None else f"{name}{VERSION_SEPARATOR}{version}"
+
+
+def versioned_table(base: str, version: int | None) -> str:
+    """The read-model table ``base`` at ``version``: ``"<base>_v<version>"`` (None: ``base``)."""
+    return base if version is None else f"{base}_v{version}"
+
+
+def check_version(value: object, owner: str) -> int | None:
+    """``value`` as a projection version (None or an int >= 1), or ConfigurationError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise errors.ConfigurationError(
+            f"{owner}.version must be None (unversioned) or an int >= 1, got {value!r}"
+        )
+    return value
 
 
 def check_on_error(value: object, owner: str) -> OnError:

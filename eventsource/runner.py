@@ -55,13 +55,15 @@ class Runner:
     def run_until_caught_up(self, pairs: Iterable[Pair]) -> dict[tuple[str, int], int]:
         """Handle everything committed so far with every pair, then return.
 
-        Returns the number of events each (projection name, partition key) handled.
+        Returns the number of events each (projection name, partition key) handled;
+        a versioned projection is named by its ``checkpoint_name`` (``"name@v2"``).
         """
         handled: dict[tuple[str, int], int] = {}
 
         def catch_up(pair: ProjectionRunner) -> None:
             count = pair.processor.run_until_caught_up(pair.projection)
-            handled[(pair.projection.name, pair.processor.config.partition_key)] = count
+            key = (pair.projection.checkpoint_name, pair.processor.config.partition_key)
+            handled[key] = count
 
         self._run(pairs, catch_up)
         return handled
@@ -85,8 +87,8 @@ class Runner:
         # once per partition thread.
         checked: set[str] = set()
         for pair in runners:
-            if pair.projection.name not in checked:
-                checked.add(pair.projection.name)
+            if pair.projection.checkpoint_name not in checked:
+                checked.add(pair.projection.checkpoint_name)
                 try:
                     pair.processor.check_partitions(pair.projection)
                 except Exception as error:
@@ -187,7 +189,8 @@ def validate_pairs(pairs: Iterable[Pair]) -> list[ProjectionRunner]:
     processors: set[int] = set()
     totals: dict[str, int] = {}
     for pair in runners:
-        name, config = pair.projection.name, pair.processor.config
+        # Two versions of one projection are two projections here (blue/green rebuilds).
+        name, config = pair.projection.checkpoint_name, pair.processor.config
         known = classes.setdefault(name, type(pair.projection))
         if known is not type(pair.projection):
             raise errors.ConfigurationError(

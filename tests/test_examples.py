@@ -517,6 +517,35 @@ def test_with_logging_emits_json_lines_with_structured_fields(target: Target) ->
     assert all(r["cents"] >= 5_000 and r["wallet_id"].startswith("wallet-") for r in alerts)
 
 
+def test_blue_green_switches_readers_to_a_caught_up_version(target: Target) -> None:
+    output = target.run("blue_green/main.py")
+    lines = output.splitlines()
+    v1_reads = [line for line in lines if line.startswith("Readers use v1: ")]
+    assert len(v1_reads) == 2
+    assert "Bob-" in v1_reads[0]
+    assert "$" not in v1_reads[0]
+    assert "Switch refused, nothing changed: VersionNotCaughtUpError (lag 4)" in output
+    assert "readers switched from v1 to v2; retired bg_customer_stats@v1" in output
+    [v2_read] = [line for line in lines if line.startswith("Readers use v2: ")]
+    assert "orders $120.25" in v2_read
+    assert "ProjectionRetiredError: readers use version 2" in output
+    # Readers read v2; v1's checkpoints and table are gone, v2's are at the head.
+    assert target.rows(
+        "SELECT projection_name, active_version, previous_version FROM events_projection_versions"
+    ) == [("bg_customer_stats", 2, 1)]
+    assert [c.global_position for c in target.checkpoints("bg_customer_stats@v1")] == []
+    assert [c.global_position for c in target.checkpoints("bg_customer_stats@v2")] == [8]
+    tables = set(sa.inspect(target.engine).get_table_names())
+    assert "bg_customer_stats_v1" not in tables
+    rows = target.rows("SELECT orders, spent_cents FROM bg_customer_stats_v2")
+    assert sorted(tuple(row) for row in rows) == [(1, 899), (2, 3250), (2, 12025)]
+
+    again = target.run("blue_green/main.py")
+    assert "v2 is active since an earlier run" in again
+    assert "v2 handled 8 new events." in again
+    assert target.scalar("SELECT sum(spent_cents) FROM bg_customer_stats_v2") == 2 * 16174
+
+
 # -- an application with its own Alembic ------------------------------------------------
 
 
@@ -529,7 +558,7 @@ def test_app_with_alembic(target: Target) -> None:
     output = target.run("app_with_alembic/main.py")
     assert (
         "applied revisions: app0001 (app), es0001 (eventsource), es0002 (eventsource), "
-        "es0003 (eventsource)"
+        "es0003 (eventsource), es0004 (eventsource)"
     ) in output
     assert "Tickets: 2 open, 1 closed" in output
     output = target.run("app_with_alembic/main.py")
@@ -538,7 +567,7 @@ def test_app_with_alembic(target: Target) -> None:
     # One version table, the application's, holding its head and the library's (which its
     # first revision depends on; the library's later revisions are heads of their own).
     versions = sorted(v for (v,) in target.rows("SELECT version_num FROM alembic_version"))
-    assert versions == ["app0001", "es0003"]
+    assert versions == ["app0001", "es0004"]
     tables = set(sa.inspect(target.engine).get_table_names())
     assert {"events", "aggregate_heads", "projection_checkpoints"} <= tables
     assert {"app_tickets", "app_agent_workload"} <= tables

@@ -26,11 +26,12 @@ LIBRARY_TABLES = {
     "projection_checkpoints",
     "events_cluster",
     "events_dead_letters",
+    "events_projection_versions",
 }
 #: The library's tables at its first revision.
-AT_ES0001 = LIBRARY_TABLES - {"events_cluster", "events_dead_letters"}
+AT_ES0001 = LIBRARY_TABLES - {"events_cluster", "events_dead_letters", "events_projection_versions"}
 #: The newest revision the library ships.
-HEAD = "es0003"
+HEAD = "es0004"
 VERSION_TABLE = "eventsource_alembic_version"
 CUSTOM_NAMES = models.TableNames(
     events="app_events",
@@ -123,6 +124,7 @@ def test_models_equal_migrations(empty_engine: sa.Engine) -> None:
         "app_checkpoints",
         "app_events_cluster",
         "app_events_dead_letters",
+        "app_events_projection_versions",
         VERSION_TABLE,
         custom_version_table,
     }
@@ -165,7 +167,9 @@ def test_cluster_record_revision_steps_on_a_store_in_use(empty_engine: sa.Engine
 
 def test_dead_letters_revision_steps_on_a_store_in_use(empty_engine: sa.Engine) -> None:
     """es0003 adds (and its downgrade removes) only the dead-letter table."""
-    before = (LIBRARY_TABLES - {"events_dead_letters"}) | {VERSION_TABLE}
+    before = (LIBRARY_TABLES - {"events_dead_letters", "events_projection_versions"}) | {
+        VERSION_TABLE
+    }
     es.upgrade(empty_engine, "es0002")
     assert table_names(empty_engine) == before
     store = es.EventStore()

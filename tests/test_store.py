@@ -852,6 +852,7 @@ def test_custom_table_names(empty_engine: sa.Engine) -> None:
         "x_projection_checkpoints",
         "x_events_cluster",
         "x_events_dead_letters",
+        "x_events_projection_versions",
         "eventsource_alembic_version_x_events",  # its own revision
     }
     store = es.EventStore(table_names=CUSTOM_NAMES)

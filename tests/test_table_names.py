@@ -83,11 +83,11 @@ def test_names_must_be_non_empty_text(field: str, value: object) -> None:
 
 
 def test_names_must_differ() -> None:
-    with pytest.raises(es.ConfigurationError, match="5 different tables"):
+    with pytest.raises(es.ConfigurationError, match="6 different tables"):
         models.TableNames(events="t", aggregate_heads="t")
-    with pytest.raises(es.ConfigurationError, match="5 different tables"):
+    with pytest.raises(es.ConfigurationError, match="6 different tables"):
         models.TableNames(cluster="events")
-    with pytest.raises(es.ConfigurationError, match="5 different tables"):
+    with pytest.raises(es.ConfigurationError, match="6 different tables"):
         models.TableNames(dead_letters="events_cluster")
 
 
@@ -100,6 +100,7 @@ def test_a_percent_sign_in_names_migrates_and_round_trips(empty_engine: sa.Engin
         "check%points",
         "ev%ents_cluster",
         "ev%ents_dead_letters",
+        "ev%ents_projection_versions",
         "eventsource_alembic_version_ev%ents",
     }
     assert database.current_revision(empty_engine, table_names=ODD) == database.head_revision()
