@@ -45,6 +45,8 @@ SQLITE_SYNCHRONOUS_DEFAULT: SqliteSynchronous = "FULL"
 #: libpq settings create_engine gives PostgreSQL connections unless told otherwise: fail
 #: a connection attempt after 10 s; probe an idle connection after 30 s, every 10 s, and
 #: drop it after 3 lost probes; drop one whose sent data stays unacknowledged for 30 s.
+#: Also ``application_name`` (:data:`DEFAULT_APPLICATION_NAME`, or create_engine's
+#: ``application_name=``), unless the URL, ``connect_args`` or ``PGAPPNAME`` name one.
 PG_CONNECT_DEFAULTS: dict[str, Any] = {
     "connect_timeout": 10,
     "keepalives": 1,
@@ -53,6 +55,10 @@ PG_CONNECT_DEFAULTS: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 30_000,
 }
+#: How create_engine's PostgreSQL connections show in ``pg_stat_activity`` (and in
+#: ``eventsource status``'s "held back by" section) unless told otherwise; the CLI's
+#: say which command they run ("eventsource run").
+DEFAULT_APPLICATION_NAME = "eventsource"
 #: Connection execution option: this connection only reads (SQLite: deferred BEGIN).
 READ_ONLY_OPTION = "eventsource_read_only"
 
@@ -81,6 +87,7 @@ def create_engine(
     url: str | sa.URL | None = None,
     *,
     sqlite_synchronous: SqliteSynchronous = SQLITE_SYNCHRONOUS_DEFAULT,
+    application_name: str = DEFAULT_APPLICATION_NAME,
     **kwargs: Any,
 ) -> sa.Engine:
     """An Engine set up the way the store and processors need it.
@@ -96,13 +103,19 @@ def create_engine(
     ``connect_args`` set them (:data:`PG_CONNECT_DEFAULTS`): a connect timeout, TCP
     keepalives and a TCP user timeout, so a dead network or a vanished server becomes
     an error within about half a minute, which processors retry, instead of a hang.
-    Other keyword arguments go to :func:`sqlalchemy.create_engine`.
+    It also names the connections ``application_name`` (default ``"eventsource"``)
+    unless the URL, ``connect_args`` or libpq's ``PGAPPNAME`` name them, so they are
+    recognisable in ``pg_stat_activity``. Other keyword arguments go to
+    :func:`sqlalchemy.create_engine`.
     """
     _check_synchronous(sqlite_synchronous)
     resolved = database_url(url)
     if resolved.get_backend_name() == "postgresql" and resolved.get_driver_name() == "psycopg":
         given = {**resolved.query, **kwargs.get("connect_args", {})}
-        defaults = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
+        if os.environ.get("PGAPPNAME"):  # libpq's own default, which ours would override
+            given["application_name"] = os.environ["PGAPPNAME"]
+        named = {**PG_CONNECT_DEFAULTS, "application_name": application_name}
+        defaults = {k: v for k, v in named.items() if k not in given}
         kwargs["connect_args"] = {**defaults, **kwargs.get("connect_args", {})}
     return configure_engine(
         sa.create_engine(resolved, **kwargs), sqlite_synchronous=sqlite_synchronous
@@ -451,6 +464,7 @@ def raise_if_schema_missing(
         names.projection_checkpoints,
         names.cluster,
         names.dead_letters,
+        names.projection_versions,
     )
     if match is None:
         if not own_statement:

@@ -4,7 +4,7 @@ Nothing here is imported unless you ask for it, and a processor without ``metric
 does no metrics work at all::
 
     metrics = PrometheusMetrics()                      # default registry
-    metrics.track_lag(engine)                          # lag gauge, computed on scrape
+    metrics.track_lag(engine)                          # lag gauges, computed on scrape
     Processor(engine, store, config, metrics=metrics)
     prometheus_client.start_http_server(9100)
 """
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from eventsource import errors
 from eventsource.processor import BatchResult
-from eventsource.status import status
+from eventsource.status import DEFAULT_LAG_CAP, status
 from eventsource.store import EventStore
 
 if TYPE_CHECKING:
@@ -104,16 +104,28 @@ class PrometheusMetrics:
         processors call it only on metrics objects that have it)."""
         self.quarantined.labels(projection, str(partition)).inc(count)
 
-    def track_lag(self, engine: sa.Engine, *, store: EventStore | None = None) -> None:
-        """Register a ``lag_events`` gauge that queries :func:`eventsource.status` on scrape."""
-        self.registry.register(_LagCollector(engine, store or EventStore(), self.namespace))
+    def track_lag(
+        self,
+        engine: sa.Engine,
+        *,
+        store: EventStore | None = None,
+        lag_cap: int | None = DEFAULT_LAG_CAP,
+    ) -> None:
+        """Register ``lag_events`` and ``held_back`` gauges read on scrape by
+        :func:`eventsource.status.status`: a few index lookups, plus counting at most
+        ``lag_cap`` events per partition (the gauge then shows ``lag_cap``)."""
+        collector = _LagCollector(engine, store or EventStore(), self.namespace, lag_cap)
+        self.registry.register(collector)
 
 
 class _LagCollector(Collector):
-    def __init__(self, engine: sa.Engine, store: EventStore, namespace: str) -> None:
+    def __init__(
+        self, engine: sa.Engine, store: EventStore, namespace: str, lag_cap: int | None
+    ) -> None:
         self.engine = engine
         self.store = store
         self.namespace = namespace
+        self.lag_cap = lag_cap
 
     def describe(self) -> list[Any]:
         return []  # values come from the database at scrape time
@@ -121,9 +133,18 @@ class _LagCollector(Collector):
     def collect(self) -> Iterator[Any]:
         family = GaugeMetricFamily(
             f"{self.namespace}_lag_events",
-            "Events in the store after the partition's checkpoint.",
+            "Events in the store after the partition's checkpoint (counted up to a cap).",
             labels=list(LABELS),
         )
-        for row in status(self.engine, store=self.store):
-            family.add_metric([row.projection, str(row.partition_key)], row.lag)
+        held_back = GaugeMetricFamily(
+            f"{self.namespace}_held_back",
+            "1 while committed events after the partition's checkpoint wait for an open "
+            "transaction older than them (PostgreSQL; eventsource status names it).",
+            labels=list(LABELS),
+        )
+        for row in status(self.engine, store=self.store, lag_cap=self.lag_cap):
+            labels = [row.projection, str(row.partition_key)]
+            family.add_metric(labels, row.lag)
+            held_back.add_metric(labels, 1 if row.held_back else 0)
         yield family
+        yield held_back

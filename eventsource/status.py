@@ -1,18 +1,35 @@
-"""How far behind is each projection? Typed status rows for CLIs, health checks and web apps."""
+"""How far behind is each projection, and what holds it back? Typed rows for CLIs,
+health checks, metrics and web apps.
+
+:func:`status` costs a few index lookups however long the log: the head comes from
+the primary key's index, and lag is counted over the lag range only (the events after
+the checkpoint, in the processor's order and through the index its reads use), at most
+``lag_cap`` of them. :func:`blockers` names the open transactions on a PostgreSQL
+server that projections wait for (see DESIGN invariant 2: events committed after a
+transaction started are read once it ends).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 
 from eventsource import cluster, database, errors
-from eventsource.models import _PGXid8
+from eventsource.models import UtcDateTime, _PGXid8
 from eventsource.projection import Projection
 from eventsource.store import EventStore, SessionOrConnection, connection_of
+
+#: Lag is counted up to this many events per partition; past it a row says "more than"
+#: (``lag_capped``), so a partition far behind costs a bounded count, not the whole log.
+DEFAULT_LAG_CAP = 100_000
+#: How much of a blocking session's current query :func:`blockers` reports.
+QUERY_PREFIX_CHARS = 100
+#: How many blocking transactions :func:`blockers` reports by default (oldest first).
+DEFAULT_BLOCKERS_LIMIT = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,16 +44,78 @@ class ProjectionStatus:
     head: int
     """Highest global position in the store."""
     lag: int
-    """Events in the store after the checkpoint (what the partition has still to read)."""
+    """Events in the store after the checkpoint (what the partition has still to read);
+    with ``lag_capped``, a lower bound: more than ``lag`` events."""
     events_handled: int
     updated_at: datetime | None
     """When the checkpoint last moved (None: never ran)."""
     age_seconds: float | None
+    lag_capped: bool = False
+    """More than ``lag`` events are after the checkpoint: counting stopped at
+    ``status(lag_cap=...)``."""
+    held_back: bool = False
+    """PostgreSQL: part of the lag is committed events the partition cannot read yet,
+    because a transaction that started before them is still open, anywhere on the
+    server (:func:`blockers` names it). Nothing is lost: they are read once it ends."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["updated_at"] = self.updated_at.isoformat() if self.updated_at else None
         return data
+
+
+@dataclass(frozen=True, slots=True)
+class Blocker:
+    """An open transaction on the PostgreSQL server that committed events wait behind.
+
+    ``kind`` is ``"transaction"`` (a session, from ``pg_stat_activity``) or
+    ``"prepared"`` (a two-phase transaction, from ``pg_prepared_xacts``: no session,
+    it lasts until ``COMMIT PREPARED`` or ``ROLLBACK PREPARED``). What a role may not
+    see of another role's session is None (``age_seconds``, ``state``) or PostgreSQL's
+    ``<insufficient privilege>`` (``query``): grant ``pg_read_all_stats`` to see all.
+    """
+
+    kind: Literal["transaction", "prepared"]
+    transaction_id: int
+    database: str | None
+    user: str | None
+    """The session's user, or the prepared transaction's owner."""
+    pid: int | None
+    application_name: str | None
+    state: str | None
+    """E.g. ``idle in transaction``: a session that holds its transaction open and
+    does nothing."""
+    started_at: datetime | None
+    """When the transaction began (prepared: when it was prepared)."""
+    age_seconds: float | None
+    query: str | None
+    """The start of the session's current or last query."""
+    gid: str | None = None
+    """The prepared transaction's identifier."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["started_at"] = self.started_at.isoformat() if self.started_at else None
+        return data
+
+    def describe(self) -> str:
+        """One line for people: who, where, for how long, doing what."""
+        age = "" if self.age_seconds is None else f", open {format_age(self.age_seconds)}"
+        if self.kind == "prepared":
+            return (
+                f"prepared transaction {self.gid!r} in database {self.database!r} (owner "
+                f"{self.user!r}{age}): finish it with COMMIT PREPARED or ROLLBACK PREPARED"
+            )
+        parts = [f"pid {self.pid} in database {self.database!r}", f"user {self.user!r}"]
+        if self.application_name:
+            parts.append(f"application {self.application_name!r}")
+        text = f"{parts[0]} ({', '.join(parts[1:])}{age}"
+        if self.state:
+            text += f", {self.state}"
+        text += ")"
+        if self.query:
+            text += f": {' '.join(self.query.split())}"
+        return text
 
 
 def status(
@@ -45,22 +124,33 @@ def status(
     store: EventStore | None = None,
     projections: Iterable[str | Projection] = (),
     now: datetime | None = None,
+    lag_cap: int | None = DEFAULT_LAG_CAP,
 ) -> list[ProjectionStatus]:
     """Status of every checkpointed projection partition, plus ``projections`` never run.
 
     On PostgreSQL "after the checkpoint" follows the processor's (transaction id,
-    position) order, so events held back by an open transaction count as lag. Stored
-    ids ahead of the server's (a restore from another cluster) would show as no lag
-    while nothing moves, so they raise :class:`~eventsource.errors.TransactionIdsAheadError`.
+    position) order, so events held back by an open transaction count as lag (and
+    the row says ``held_back``). Stored ids ahead of the server's (a restore from
+    another cluster) would show as no lag while nothing moves, so they raise
+    :class:`~eventsource.errors.TransactionIdsAheadError`.
+
+    Lag is exact up to ``lag_cap`` events; past it the row has ``lag == lag_cap`` and
+    ``lag_capped``. The cost is a few index lookups plus the events counted (at most
+    ``lag_cap`` per partition), never a scan of the whole log. ``lag_cap=None`` counts
+    every event, however many.
     """
+    if lag_cap is not None and (
+        isinstance(lag_cap, bool) or not isinstance(lag_cap, int) or lag_cap < 1
+    ):
+        raise errors.ConfigurationError(f"lag_cap must be an int >= 1 or None, got {lag_cap!r}")
     store = store or EventStore()
     now = now or datetime.now(UTC)
     if isinstance(target, sa.Engine):
         with target.connect() as connection:
             # Only reads: on SQLite do not queue behind writers for the write lock.
             connection.execution_options(**{database.READ_ONLY_OPTION: True})
-            return _status(connection, store, projections, now)
-    return _status(connection_of(target), store, projections, now)
+            return _status(connection, store, projections, now, lag_cap)
+    return _status(connection_of(target), store, projections, now, lag_cap)
 
 
 def _status(
@@ -68,37 +158,54 @@ def _status(
     store: EventStore,
     projections: Iterable[str | Projection],
     now: datetime,
+    lag_cap: int | None,
 ) -> list[ProjectionStatus]:
     require_schema(conn, store)
     cluster.check(conn, store.tables, record=False)
     ev = store.tables.events
     ck = store.tables.projection_checkpoints
-    head = int(conn.execute(sa.select(sa.func.max(ev.c.global_position))).scalar() or 0)
-    total_events = int(conn.execute(sa.select(sa.func.count()).select_from(ev)).scalar() or 0)
-    if conn.dialect.name == "postgresql":
+    is_pg = conn.dialect.name == "postgresql"
+    # The head from the primary key's index: one lookup, where count(*) reads the log.
+    # On PostgreSQL also the last event in read order that no reader can read yet
+    # (its transaction id at or above the horizon; the caller's own rows aside): a
+    # partition whose checkpoint is before it is held back. One backward index step.
+    head_query = sa.select(sa.func.max(ev.c.global_position)).scalar_subquery()
+    waiting: tuple[int, int] | None = None
+    head: int | None = None
+    if is_pg:
+        top = conn.execute(_last_unreadable(ev).add_columns(head_query)).first()
+        if top is not None:
+            head = int(top[3] or 0)
+            if int(top[0]) >= int(top[2]):
+                waiting = (int(top[0]), int(top[1]))
+    if head is None:  # SQLite, or no event (but the caller's own) on PostgreSQL
+        head = int(conn.execute(sa.select(head_query)).scalar() or 0)
 
-        def after(tx: int, pos: int) -> sa.ColumnElement[bool]:
-            xid = sa.cast(sa.cast(sa.literal(tx, sa.BigInteger), sa.Text), _PGXid8())
-            return sa.tuple_(ev.c.transaction_id, ev.c.global_position) > sa.tuple_(xid, pos)
+    # The processor's "after the checkpoint" as one index range per partition
+    # (PostgreSQL: the read-order index, (transaction id, position) > checkpoint;
+    # SQLite: positions), counted through a LIMITed subquery so that counting stops
+    # past the cap. One small statement per partition, not one correlated statement
+    # for all: the planner cannot know how few checkpoint rows there are, and its
+    # estimate of such a statement is costly enough to set off JIT compilation, which
+    # alone takes longer than every count here.
+    if is_pg:
+        ck_xid = sa.cast(sa.cast(sa.bindparam("ck_tx", type_=sa.BigInteger), sa.Text), _PGXid8())
+        after = sa.tuple_(ev.c.transaction_id, ev.c.global_position) > sa.tuple_(
+            ck_xid, sa.bindparam("ck_pos", type_=sa.BigInteger)
+        )
     else:
-
-        def after(tx: int, pos: int) -> sa.ColumnElement[bool]:
-            return ev.c.global_position > pos
+        after = ev.c.global_position > sa.bindparam("ck_pos", type_=sa.BigInteger)
+    lag_query = sa.select(_capped(sa.select(sa.literal(1)).where(after), lag_cap))
 
     rows: list[ProjectionStatus] = []
     seen: set[str] = set()
     checkpoints = conn.execute(
         sa.select(ck).order_by(ck.c.projection_name, ck.c.partition_key)
     ).mappings()
-    for row in checkpoints:
-        lag = int(
-            conn.execute(
-                sa.select(sa.func.count())
-                .select_from(ev)
-                .where(after(row["transaction_id"], row["global_position"]))
-            ).scalar()
-            or 0
-        )
+    for row in checkpoints.all():
+        tx, pos = int(row["transaction_id"]), int(row["global_position"])
+        counted = int(conn.execute(lag_query, {"ck_tx": tx, "ck_pos": pos}).scalar() or 0)
+        lag, capped = _cap(counted, lag_cap)
         updated: datetime = row["updated_at"]
         seen.add(row["projection_name"])
         rows.append(
@@ -106,21 +213,187 @@ def _status(
                 projection=row["projection_name"],
                 partition_key=row["partition_key"],
                 total_partitions=row["total_partitions"],
-                checkpoint=row["global_position"],
+                checkpoint=pos,
                 head=head,
                 lag=lag,
                 events_handled=row["events_handled"],
                 updated_at=updated,
                 age_seconds=max(0.0, (now - updated).total_seconds()),
+                lag_capped=capped,
+                held_back=waiting is not None and (tx, pos) < waiting,
             )
         )
+    never_run: tuple[int, bool] | None = None
     for item in projections:
-        name = item.name if isinstance(item, Projection) else item
+        name = item.checkpoint_name if isinstance(item, Projection) else item
         if name in seen:
             continue
         seen.add(name)
-        rows.append(ProjectionStatus(name, 0, 1, 0, head, total_events, 0, None, None))
+        if never_run is None:  # every event is after an empty checkpoint
+            everything = _capped(sa.select(sa.literal(1)).select_from(ev), lag_cap)
+            never_run = _cap(int(conn.execute(sa.select(everything)).scalar() or 0), lag_cap)
+        lag_count, capped = never_run
+        rows.append(
+            ProjectionStatus(
+                name,
+                0,
+                1,
+                0,
+                head,
+                lag_count,
+                0,
+                None,
+                None,
+                lag_capped=capped,
+                held_back=waiting is not None,
+            )
+        )
     return rows
+
+
+def _capped(rows: sa.Select[Any], cap: int | None) -> sa.ScalarSelect[Any]:
+    """How many rows ``rows`` returns, counting at most ``cap + 1`` (see :func:`_cap`)."""
+    if cap is not None:
+        rows = rows.limit(cap + 1)
+    return sa.select(sa.func.count()).select_from(rows.subquery()).scalar_subquery()
+
+
+def _cap(counted: int, cap: int | None) -> tuple[int, bool]:
+    """(lag, capped) from a count of at most ``cap + 1`` rows."""
+    if cap is not None and counted > cap:
+        return cap, True
+    return counted, False
+
+
+def _horizon() -> sa.ColumnElement[Any]:
+    """The oldest transaction still running on the server (DESIGN invariant 2)."""
+    return sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot())
+
+
+def _not_own(ev: sa.Table) -> sa.ColumnElement[bool]:
+    # Rows of the caller's own open transaction carry its id, which is not below the
+    # horizon, yet processors inside that transaction read them: they wait for nothing.
+    return sa.func.coalesce(
+        ev.c.transaction_id != sa.func.pg_current_xact_id_if_assigned(), sa.true()
+    )
+
+
+def _last_unreadable(ev: sa.Table) -> sa.Select[Any]:
+    return (
+        sa.select(
+            sa.cast(ev.c.transaction_id, sa.Text),
+            ev.c.global_position,
+            sa.cast(_horizon(), sa.Text),
+        )
+        .where(_not_own(ev))
+        .order_by(ev.c.transaction_id.desc(), ev.c.global_position.desc())
+        .limit(1)
+    )
+
+
+def blockers(
+    target: sa.Engine | SessionOrConnection,
+    *,
+    store: EventStore | None = None,
+    limit: int = DEFAULT_BLOCKERS_LIMIT,
+) -> list[Blocker]:
+    """The open transactions that committed events of the store wait behind, oldest first.
+
+    PostgreSQL only (an empty list elsewhere, and when no event waits). Projections
+    read only events whose transaction is older than every transaction still running
+    on the server (DESIGN invariant 2), so a transaction held open anywhere on the
+    server, in any database, delays every projection until it ends; nothing is lost.
+    This lists the transactions that started before the oldest waiting event's: the
+    sessions (``pg_stat_activity.backend_xid``) and prepared transactions
+    (``pg_prepared_xacts``). A session that only holds a snapshot (``backend_xmin``,
+    e.g. an idle REPEATABLE READ transaction that has written nothing) holds back
+    VACUUM, not projections, and is not listed. Needs nothing beyond the default
+    visibility of ``pg_stat_activity``; what the role may not see stays hidden (see
+    :class:`Blocker`).
+    """
+    if isinstance(target, sa.Engine):
+        with target.connect() as connection:
+            connection.execution_options(**{database.READ_ONLY_OPTION: True})
+            return _blockers(connection, store or EventStore(), limit)
+    return _blockers(connection_of(target), store or EventStore(), limit)
+
+
+def _blockers(conn: sa.Connection, store: EventStore, limit: int) -> list[Blocker]:
+    if conn.dialect.name != "postgresql":
+        return []
+    ev = store.tables.events
+    # The oldest waiting event's transaction: one forward step on the read-order index.
+    oldest = conn.execute(
+        sa.select(
+            sa.cast(
+                sa.select(sa.func.min(ev.c.transaction_id))
+                .where(ev.c.transaction_id >= _horizon(), _not_own(ev))
+                .scalar_subquery(),
+                sa.Text,
+            ),
+            sa.cast(sa.func.pg_snapshot_xmax(sa.func.pg_current_snapshot()), sa.Text),
+        )
+    ).one()
+    if oldest[0] is None:
+        return []
+    waiting_for, next_id = int(oldest[0]), int(oldest[1])
+    found = []
+    for row in conn.execute(_BLOCKERS, {"prefix": QUERY_PREFIX_CHARS}).mappings():
+        full_id = _full_transaction_id(int(row["xid"]), next_id)
+        if full_id >= waiting_for:
+            continue
+        found.append(
+            Blocker(
+                kind=row["kind"],
+                transaction_id=full_id,
+                database=row["database"],
+                user=row["usr"],
+                pid=row["pid"],
+                application_name=row["application_name"],
+                state=row["state"],
+                started_at=row["started_at"],
+                age_seconds=None if row["age"] is None else max(0.0, float(row["age"])),
+                query=row["query"],
+                gid=row["gid"],
+            )
+        )
+    found.sort(key=lambda blocker: blocker.transaction_id)
+    return found[:limit]
+
+
+# The server's views of open transactions: PostgreSQL-only catalogs, hence raw SQL.
+# backend_xid is a 32-bit id (no xid8 there): it is widened in Python against the next
+# id, which every running transaction is less than 2**31 below.
+_BLOCKERS = sa.text(
+    """
+    SELECT 'transaction' AS kind, backend_xid::text AS xid, datname AS database,
+           usename AS usr, pid, application_name, state, xact_start AS started_at,
+           extract(epoch FROM clock_timestamp() - xact_start) AS age,
+           left(query, :prefix) AS query, NULL AS gid
+    FROM pg_stat_activity
+    WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+    UNION ALL
+    SELECT 'prepared', transaction::text, database, owner, NULL, NULL, NULL, prepared,
+           extract(epoch FROM clock_timestamp() - prepared), NULL, gid
+    FROM pg_prepared_xacts
+    """
+).columns(started_at=UtcDateTime())
+
+
+def _full_transaction_id(xid32: int, next_id: int) -> int:
+    """The 64-bit id of a running transaction's 32-bit id: the one below ``next_id``."""
+    return next_id - (next_id - xid32) % 2**32
+
+
+def format_age(seconds: float) -> str:
+    """A duration for people: 45s, 12m, 5h, 3d."""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
 
 
 def require_schema(conn: sa.Connection, store: EventStore) -> None:
