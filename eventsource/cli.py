@@ -14,22 +14,32 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import click
 import sqlalchemy as sa
 
-from eventsource import cluster, database, deadletters, errors
+from eventsource import cluster, database, deadletters, errors, versions
 from eventsource.processor import Processor, ProcessorConfig
 from eventsource.projection import Projection
 from eventsource.rebuild import DEFAULT_WAIT, RebuildProgress, has_reset, rebuild, reset
 from eventsource.retry import RetryPolicy
 from eventsource.runner import ProjectionRunner, Runner
-from eventsource.status import ProjectionStatus, require_schema, status
+from eventsource.status import (
+    DEFAULT_LAG_CAP,
+    Blocker,
+    ProjectionStatus,
+    blockers,
+    require_schema,
+    status,
+)
 from eventsource.store import EventStore
 
 if TYPE_CHECKING:
     import tqdm
+
+    class _RateBar(tqdm.tqdm[Any]):
+        recent_rate: float | None
 
 # tqdm (the rebuild's progress bar) is imported by the command that draws one: it
 # costs other commands a tenth of their start-up time.
@@ -75,6 +85,7 @@ class Context:
             raise click.ClickException(
                 f"no SQLite database at {missing} (create it with `eventsource db upgrade`)"
             )
+        kwargs.setdefault("application_name", _application_name())
         try:
             engine = database.create_engine(url, **kwargs)
         except sa.exc.NoSuchModuleError as exc:  # an unknown driver name after the "+"
@@ -116,6 +127,17 @@ class Context:
         """The URL as given, quoted, its password masked (it may not parse as a URL)."""
         raw = self.url if self.url is not None else os.environ.get(database.DATABASE_URL_ENV)
         return repr(_PASSWORD.sub(r"\1***@", raw or database.DEFAULT_URL))
+
+
+def _application_name() -> str:
+    """``eventsource`` and the command being run ("eventsource db upgrade"): how the
+    command's PostgreSQL connections show in ``pg_stat_activity``."""
+    names = []
+    current = click.get_current_context(silent=True)
+    while current is not None and current.parent is not None:
+        names.append(current.info_name or "")
+        current = current.parent
+    return " ".join([database.DEFAULT_APPLICATION_NAME, *reversed(names)])
 
 
 #: The databases eventsource runs on (DESIGN: PostgreSQL through psycopg 3, and SQLite).
@@ -283,25 +305,54 @@ def db_rebase(ctx: Context, yes: bool) -> None:
 )
 @click.pass_obj
 def status_command(ctx: Context, app_spec: str | None, as_json: bool, max_lag: int | None) -> None:
-    """Checkpoint, head, lag and age of every projection partition."""
+    """Checkpoint, head, lag and age of every projection partition, and on PostgreSQL
+    the open transactions that hold them back."""
     projections = [pair.projection for pair in load_app(app_spec)] if app_spec else []
     engine = ctx.engine()
+    # Lag is counted up to a cap; one at least --max-lag still tells every lagging row.
+    cap = DEFAULT_LAG_CAP if max_lag is None else max(DEFAULT_LAG_CAP, max_lag)
     with _database_errors(ctx):
-        rows = status(engine, projections=projections)
+        rows = status(engine, projections=projections, lag_cap=cap)
+        held = blockers(engine) if any(row.held_back for row in rows) else []
     if as_json:
-        click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
+        shown = [
+            {**row.to_dict(), "held_back_by": [b.to_dict() for b in held] if row.held_back else []}
+            for row in rows
+        ]
+        click.echo(json.dumps(shown, indent=2))
     else:
         click.echo(_table(rows))
+        if any(row.held_back for row in rows):
+            click.echo(_held_back(held))
+        _echo_versions(ctx, engine, projections)
     if max_lag is not None:
-        lagging = [row for row in rows if row.lag > max_lag]
+        lagging = [row for row in rows if row.lag > max_lag or row.lag_capped]
         for row in lagging:
             click.echo(
-                f"{row.projection} partition {row.partition_key} lags {row.lag} events "
+                f"{row.projection} partition {row.partition_key} lags {_lag(row)} events "
                 f"(max {max_lag})",
                 err=True,
             )
         if lagging:
             sys.exit(EXIT_LAGGING)
+
+
+def _lag(row: ProjectionStatus) -> str:
+    return f"more than {row.lag}" if row.lag_capped else str(row.lag)
+
+
+def _held_back(held: Sequence[Blocker]) -> str:
+    lines = [
+        "",
+        "held back: committed events wait for older transactions still open. A transaction",
+        "held open anywhere on the server, in any database, delays every projection;",
+        "nothing is lost, the events are read once it ends." + (" Oldest first:" if held else ""),
+    ]
+    if held:
+        lines += [f"  {blocker.describe()}" for blocker in held]
+    else:
+        lines.append("  (ended just now, or not visible to this database role)")
+    return "\n".join(lines)
 
 
 def _table(rows: Sequence[ProjectionStatus]) -> str:
@@ -314,7 +365,7 @@ def _table(rows: Sequence[ProjectionStatus]) -> str:
             f"{row.partition_key}/{row.total_partitions}",
             str(row.checkpoint),
             str(row.head),
-            str(row.lag),
+            f"> {row.lag}" if row.lag_capped else str(row.lag),
             row.updated_at.strftime("%Y-%m-%d %H:%M:%S") if row.updated_at else "never",
             _age(row.age_seconds),
         )
@@ -502,6 +553,8 @@ def reset_command(
     for the batches in hand; safe while workers run.
     """
     projection = _find(load_app(app_spec), name) if app_spec else None
+    if projection is not None:
+        name = projection.checkpoint_name  # its checkpoints' key (orders@v2 for a version)
     if not keep_read_model and (projection is None or not has_reset(projection)):
         why = (
             f"{type(projection).__qualname__} has no reset() method to clear its read model"
@@ -542,6 +595,12 @@ def reset_command(
 )
 @click.option("--keep-read-model", is_flag=True, help=_KEEP_READ_MODEL_HELP)
 @click.option(
+    "--atomic",
+    is_flag=True,
+    help="One transaction, all or nothing: readers never see a partial read model, but on "
+    "PostgreSQL every projection on the server waits for it (small projections only).",
+)
+@click.option(
     "--wait",
     type=click.FloatRange(min=0, min_open=True),
     default=DEFAULT_WAIT,
@@ -565,18 +624,24 @@ def rebuild_command(
     batch_size: int,
     total_partitions: int | None,
     keep_read_model: bool,
+    atomic: bool,
     wait: float,
     progress_every: float,
     yes: bool,
 ) -> None:
     """Clear projection NAME's read model (its reset() hook) and replay every event.
 
-    Runs in one transaction: if it fails or is interrupted, the read model and
-    checkpoints stay as they were. Safe while workers run: they wait, then carry on
-    from the rebuilt checkpoints. With --total-partitions it changes the partition
-    count; workers still running with the old count then stop with an error.
+    Online by default: NAME's workers step aside (PostgreSQL; on SQLite they share
+    the replay), the replay commits batch by batch, and other projections stay live.
+    Readers see the read model rebuilt from empty; if the rebuild fails or is killed,
+    the workers or a second rebuild finish it, each event once. --atomic runs it in
+    one transaction instead: if it fails or is interrupted, the read model and
+    checkpoints stay as they were, but on PostgreSQL every projection on the server
+    sees no new event until it commits. With --total-partitions it changes the
+    partition count; workers still running with the old count then stop with an error.
     """
     projection = _find(load_app(app_spec), name)
+    name = projection.checkpoint_name  # its checkpoints' key (orders@v2 for a version)
     if not has_reset(projection) and not keep_read_model:
         warning = (
             f"{type(projection).__qualname__} has no reset() method: its read model will "
@@ -610,6 +675,7 @@ def rebuild_command(
                 keep_read_model=keep_read_model,
                 wait=wait,
                 on_progress=show,
+                atomic=atomic,
             )
         show.finish(final)
     finally:
@@ -622,9 +688,11 @@ def rebuild_command(
 
 class _Progress:
     """Rebuild progress on stderr: a tqdm bar on a terminal; otherwise (CI logs, files)
-    a plain line every ``every`` seconds, and the last one when the rebuild ends."""
+    a plain line every ``every`` seconds, and the last one when the rebuild ends. Both
+    show the rebuild's recent rate (:class:`~eventsource.rebuild.RateWindow`) and the
+    ETA from it, not tqdm's own estimate."""
 
-    #: The plain line; tqdm fills it in (and computes the ETA from the rate).
+    #: The plain line; tqdm fills it in (and computes the ETA from the rate given).
     LINE = (
         "{desc}: {percentage:.0f}% {n_fmt}/{total_fmt}{unit}, elapsed {elapsed}, "
         "ETA {remaining}, {rate_fmt}"
@@ -634,20 +702,19 @@ class _Progress:
         self.tty = tty
         self.every = every
         self.last_line = 0.0
-        self.bar: tqdm.tqdm[Any] | None = None
+        self.bar: _RateBar | None = None
 
     def __call__(self, progress: RebuildProgress) -> None:
         if self.tty:
             if self.bar is None:  # the total is known once the read model is reset
-                import tqdm
-
-                self.bar = tqdm.tqdm(
+                self.bar = _rate_bar(
                     desc=progress.projection,
                     total=progress.total,
                     unit=" events",
                     file=sys.stderr,
                     dynamic_ncols=True,
                 )
+            self.bar.recent_rate = progress.rate
             self.bar.update(progress.done - self.bar.n)
         elif progress.elapsed - self.last_line >= self.every:
             self.last_line = progress.elapsed
@@ -655,6 +722,7 @@ class _Progress:
 
     def finish(self, progress: RebuildProgress) -> None:
         if self.bar is not None:
+            self.bar.recent_rate = progress.rate
             self.bar.update(progress.done - self.bar.n)
             self.bar.close()
         elif not self.tty and progress.done:
@@ -677,6 +745,137 @@ class _Progress:
             rate=progress.rate or None,
             bar_format=self.LINE,
         )
+
+
+def _rate_bar(**options: Any) -> _RateBar:
+    """A tqdm bar whose rate, and so its ETA, is the one the rebuild gives it
+    (``recent_rate``), not tqdm's estimate."""
+    import tqdm
+
+    class RateBar(tqdm.tqdm):  # type: ignore[type-arg]
+        recent_rate: float | None = None
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            values = dict(super().format_dict)
+            if self.recent_rate:
+                values["rate"] = self.recent_rate
+            return values
+
+    return cast("_RateBar", RateBar(**options))
+
+
+# -- versions ---------------------------------------------------------------------
+
+
+@main.group("versions")
+def versions_group() -> None:
+    """Blue/green rebuilds: a projection's new version (its `version` attribute) builds
+    beside the one readers use; see how far each is, then switch readers over."""
+
+
+@versions_group.command("status")
+@click.argument("name", required=False)
+@click.option("--app", "app_spec", metavar="MODULE:ATTR", help="Also list versions never run.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of objects).")
+@click.pass_obj
+def versions_status(ctx: Context, name: str | None, app_spec: str | None, as_json: bool) -> None:
+    """Checkpoint and lag of each version of versioned projections, and which one
+    readers use (of projection NAME only, if given)."""
+    projections = [pair.projection for pair in load_app(app_spec)] if app_spec else []
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        rows = versions.status(engine, projections=projections, name=name)
+    if as_json:
+        click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
+    elif rows:
+        click.echo(_versions_table(rows))
+    else:
+        click.echo("no versioned projections" + (f" named {name!r}" if name else ""))
+
+
+@versions_group.command("switch")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(min=1))
+@click.option(
+    "--app",
+    "app_spec",
+    metavar="MODULE:ATTR",
+    help="Drop the old version's read model with its retire() (when the app defines it).",
+)
+@click.option("--force", is_flag=True, help="Switch even though VERSION still lags.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=versions.DEFAULT_WAIT,
+    show_default=True,
+    help=_WAIT_HELP,
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def versions_switch(
+    ctx: Context,
+    name: str,
+    version: int,
+    app_spec: str | None,
+    force: bool,
+    wait: float,
+    yes: bool,
+) -> None:
+    """Make VERSION of projection NAME the one readers use, and retire the older ones
+    (their checkpoints and dead letters are deleted, in the same transaction).
+
+    Refused, nothing changed, while VERSION lags (unless --force). Waits for the
+    batches in hand; safe while workers run.
+    """
+    retire = None
+    if app_spec:
+        older = [
+            item.projection
+            for item in load_app(app_spec)
+            if item.projection.name == name
+            and (item.projection.version or 0) < version
+            and type(item.projection).retire is not Projection.retire
+        ]
+        retire = max(older, key=lambda projection: projection.version or 0, default=None)
+    engine = ctx.engine()
+    with _database_errors(ctx):
+        dropped = f" and drop {retire!r}'s read model" if retire is not None else ""
+        _confirm(
+            yes, f"Switch readers of {name!r} to version {version}{dropped} on {ctx.describe()}?"
+        )
+        result = versions.switch(engine, name, version, force=force, retire=retire, wait=wait)
+    click.echo(result.summary())
+
+
+def _echo_versions(ctx: Context, engine: sa.Engine, projections: Sequence[Projection]) -> None:
+    """Below `status`: the versions of versioned projections, when there are any."""
+    with _database_errors(ctx):
+        rows = versions.status(engine, projections=projections)
+    if rows:
+        click.echo("")
+        click.echo(_versions_table(rows))
+
+
+def _versions_table(rows: Sequence[versions.VersionStatus]) -> str:
+    header = ("PROJECTION", "VERSION", "READERS", "CHECKPOINT", "HEAD", "LAG", "PARTITIONS")
+    lines = [
+        (
+            row.projection,
+            "-" if row.version is None else f"v{row.version}",
+            "active" if row.active else ("caught up" if row.caught_up else "building"),
+            str(row.checkpoint),
+            str(row.head),
+            str(row.lag),
+            f"{row.partitions}/{row.total_partitions}",
+        )
+        for row in rows
+    ]
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+        for cells in [header, *lines]
+    )
 
 
 # -- dead letters -----------------------------------------------------------------
@@ -953,10 +1152,20 @@ def load_app(spec: str) -> list[_Defined]:
 
 
 def _find(defined: list[_Defined], name: str) -> Projection:
+    """The app's projection called ``name``: its checkpoint name (``orders@v2``), or its
+    plain name when the app defines only one version of it."""
     for item in defined:
-        if item.projection.name == name:
+        if item.projection.checkpoint_name == name:
             return item.projection
-    names = ", ".join(sorted({item.projection.name for item in defined}))
+    versions = [item.projection for item in defined if item.projection.name == name]
+    if len(versions) == 1:
+        return versions[0]
+    if versions:
+        named = ", ".join(sorted(p.checkpoint_name for p in versions))
+        raise click.ClickException(
+            f"the app defines several versions of {name!r} ({named}): name one of them"
+        )
+    names = ", ".join(sorted({item.projection.checkpoint_name for item in defined}))
     raise click.ClickException(f"unknown projection {name!r}; the app defines: {names}")
 
 

@@ -45,6 +45,9 @@ DEFAULT_BATCH_SIZE = 100
 DEFAULT_POLL_INTERVAL = 0.1
 #: How often run_until_caught_up says it is waiting for an open transaction.
 WAIT_LOG_INTERVAL = 5.0
+#: Seconds a processor waits behind the same open transaction before it names it in a
+#: WARNING (ProcessorConfig.blocked_warning_after), and then again every as many.
+DEFAULT_BLOCKED_WARNING_AFTER = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +65,11 @@ class ProcessorConfig:
     batch_timeout: float | None = None
     """PostgreSQL: bound each statement of a batch (``statement_timeout``), so a batch
     stuck on a dead connection or a lock fails, rolls back and is retried."""
+    blocked_warning_after: float | None = DEFAULT_BLOCKED_WARNING_AFTER
+    """PostgreSQL: after this many seconds with committed events it cannot read yet,
+    behind the same open transaction (DESIGN invariant 2), log a WARNING naming it
+    (pid, database, application, age; see :func:`eventsource.status.blockers`), and
+    again every as many seconds while it lasts. None: never. Costs no query until then."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "partition_key", "total_partitions"):
@@ -100,6 +108,13 @@ class ProcessorConfig:
             raise errors.ConfigurationError(
                 f"batch_timeout must be seconds > 0 or None, got {timeout!r}"
             )
+        after = self.blocked_warning_after
+        if after is not None and (
+            isinstance(after, bool) or not isinstance(after, int | float) or after <= 0
+        ):
+            raise errors.ConfigurationError(
+                f"blocked_warning_after must be seconds > 0 or None, got {after!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +133,12 @@ class BatchResult:
     duration: float
     full: bool
     """The batch was full: more events may be waiting."""
+    rebuilding: bool = False
+    """Nothing was done: an online rebuild holds the projection (PostgreSQL; see
+    :mod:`eventsource.rebuild`). The batch returned like an idle poll."""
+    held_back_by: int | None = None
+    """PostgreSQL: committed events wait behind open transactions; this is the oldest
+    one's id (the horizon), which they wait for. None: nothing waits."""
 
 
 class ProcessorMetrics(Protocol):
@@ -196,10 +217,17 @@ class Processor:
         #: project in one transaction). A rebuild, which commits, turns it off: its own
         #: rows could sort after events of older transactions still open.
         self.read_own_transaction = True
+        #: Step aside while an online rebuild of the projection runs elsewhere (PostgreSQL:
+        #: a batch that finds its rebuild lock taken returns like an idle poll). The
+        #: rebuild's own processors turn it off.
+        self.yields_to_rebuild = True
+        self._waiting_for_rebuild = False
         #: Sessions join a caller's transaction (a sessionmaker bound to a Connection):
         #: a failure there is the caller's to handle, never retried or rolled back here.
         self._in_callers_transaction = self.engine is None
         self._stop = threading.Event()
+        #: The wait behind an open transaction in progress (see _watch_horizon).
+        self._held_back: _HeldBack | None = None
         self._queries: dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Queries] = {}
 
     # -- public API -------------------------------------------------------------
@@ -239,7 +267,7 @@ class Processor:
             self._stop.clear()
             logger.info(
                 "projection %s partition %d stopped",
-                projection.name,
+                projection.checkpoint_name,
                 self.config.partition_key,
                 extra=self._fields(projection),
             )
@@ -273,6 +301,7 @@ class Processor:
                 handled += result.handled
                 if on_batch is not None:
                     on_batch(result)
+                self._watch_horizon(projection, result)
                 if result.full and result.global_position < target:
                     continue
                 # A full batch past the target may already be enough: writers that keep
@@ -287,7 +316,7 @@ class Processor:
                     logger.info(
                         "projection %s waits for an open transaction older than events "
                         "already committed (up to position %d)",
-                        projection.name,
+                        projection.checkpoint_name,
                         target,
                         extra=self._fields(projection),
                     )
@@ -317,22 +346,27 @@ class Processor:
     def _ensure_checkpoint(
         self, session: Session, queries: _Queries, projection: Projection
     ) -> None:
-        queries.lock_projection(session, projection.name)
+        queries.lock_projection(session, projection.checkpoint_name)
         # Stored transaction ids ahead of the server's (a restore into another
         # cluster) would make every read come back empty: refuse (invariant 7).
         cluster.check(session.connection(), self.store.tables)
+        # A version that readers have left (eventsource.versions.switch) had its
+        # checkpoints deleted: refuse to start it again from scratch.
+        from eventsource import versions  # it imports this module
+
+        versions.refuse_retired(session.connection(), self.store.tables, projection)
         table = self.store.tables.projection_checkpoints
         totals = set(
             session.execute(
                 sa.select(table.c.total_partitions)
-                .where(table.c.projection_name == projection.name)
+                .where(table.c.projection_name == projection.checkpoint_name)
                 .distinct()
             ).scalars()
         )
         other = totals - {self.config.total_partitions}
         if other:
             raise errors.PartitionCountChangedError(
-                f"projection {projection.name!r} has checkpoints written with "
+                f"projection {projection.checkpoint_name!r} has checkpoints written with "
                 f"total_partitions={sorted(other)}, but this processor uses "
                 f"total_partitions={self.config.total_partitions}. Changing the count "
                 "would skip or repeat events. Start it with the old count, or rebuild it "
@@ -341,7 +375,7 @@ class Processor:
                 f"reset it (eventsource reset {projection.name} --app MODULE:ATTR) and "
                 "replay from the start."
             )
-        queries.create_checkpoint(session, projection.name, self.config)
+        queries.create_checkpoint(session, projection.checkpoint_name, self.config)
 
     def process_batch(self, projection: Projection) -> BatchResult:
         """Run one batch in one transaction and return what it did."""
@@ -350,9 +384,9 @@ class Processor:
         try:
             result = self._process_batch(projection)
         except Exception:
-            self.metrics.batch_failed(projection.name, self.config.partition_key)
+            self.metrics.batch_failed(projection.checkpoint_name, self.config.partition_key)
             raise
-        self.metrics.batch_completed(projection.name, self.config.partition_key, result)
+        self.metrics.batch_completed(projection.checkpoint_name, self.config.partition_key, result)
         return result
 
     def _process_batch(self, projection: Projection) -> BatchResult:
@@ -364,6 +398,8 @@ class Processor:
                 # First batch, or a reset since the last one: create the checkpoint
                 # under the projection's exclusive lock, with the partition check.
                 self.check_partitions(projection)
+            except _Rebuilding as rebuilding:
+                return self._rebuilding(projection, rebuilding, started)
             except sa.exc.DBAPIError as exc:
                 # Handlers' errors arrive as ProjectionError; one of their read-model
                 # tables missing (flushed by our statement) names no table of ours.
@@ -374,14 +410,19 @@ class Processor:
         config = self.config
         with self._sessions() as session, session.begin():
             queries = self._queries_for(session, projection)
-            checkpoint = queries.lock_checkpoint(session, projection.name, config)
+            checkpoint = queries.lock_checkpoint(
+                session,
+                projection.checkpoint_name,
+                config,
+                yield_to_rebuild=self.yields_to_rebuild,
+            )
             if checkpoint is None:
                 if not self._in_callers_transaction:
                     raise _NoCheckpoint  # roll back, create it under the exclusive lock
                 # Rolling back here would roll back the caller's whole transaction; it
                 # already serialises with everything else, so create the row in it.
                 self._ensure_checkpoint(session, queries, projection)
-                checkpoint = queries.lock_checkpoint(session, projection.name, config)
+                checkpoint = queries.lock_checkpoint(session, projection.checkpoint_name, config)
                 assert checkpoint is not None
             if config.batch_timeout is not None and queries.dialect == "postgresql":
                 # After the lock: waiting for a reset or rebuild is not a stuck batch.
@@ -456,7 +497,7 @@ class Processor:
                 updated = session.execute(
                     queries.update_checkpoint,
                     {
-                        "name": projection.name,
+                        "name": projection.checkpoint_name,
                         "key": config.partition_key,
                         "tx": tx,
                         "pos": pos,
@@ -469,18 +510,25 @@ class Processor:
                     # it): committing would move no checkpoint but keep the handlers'
                     # writes, and the next batch would apply the same events again.
                     raise errors.CheckpointLostError(
-                        f"the checkpoint of projection {projection.name!r} partition "
+                        f"the checkpoint of projection {projection.checkpoint_name!r} partition "
                         f"{config.partition_key} was deleted while a batch ran; the batch was "
                         "rolled back. Reset projections with `eventsource reset` or "
                         "eventsource.rebuild.reset(), which wait for batches in hand."
                     )
         result = BatchResult(
-            handled, skipped, len(rows), tx, pos, time.perf_counter() - started, full
+            handled,
+            skipped,
+            len(rows),
+            tx,
+            pos,
+            time.perf_counter() - started,
+            full,
+            held_back_by=checkpoint.held_back_by,
         )
         if moved:
             logger.info(
                 "projection %s partition %d: handled %d, skipped %d, checkpoint %d in %.1f ms",
-                projection.name,
+                projection.checkpoint_name,
                 config.partition_key,
                 handled,
                 skipped,
@@ -497,8 +545,44 @@ class Processor:
                 },
             )
         else:
-            logger.debug("projection %s partition %d: idle", projection.name, config.partition_key)
+            logger.debug(
+                "projection %s partition %d: idle", projection.checkpoint_name, config.partition_key
+            )
+        if self._waiting_for_rebuild:
+            self._waiting_for_rebuild = False
+            logger.info(
+                "projection %s partition %d: the rebuild is over, carrying on from its checkpoint",
+                projection.checkpoint_name,
+                config.partition_key,
+                extra=self._fields(projection),
+            )
         return result
+
+    def _rebuilding(
+        self, projection: Projection, rebuilding: _Rebuilding, started: float
+    ) -> BatchResult:
+        """The result of a batch that found the projection being rebuilt: an idle poll
+        (no error, no retry), said once at INFO while the rebuild lasts."""
+        level = logging.DEBUG if self._waiting_for_rebuild else logging.INFO
+        self._waiting_for_rebuild = True
+        logger.log(
+            level,
+            "projection %s partition %d waits: an online rebuild holds it (eventsource "
+            "rebuild); its batches replay every event, this worker carries on afterwards",
+            projection.checkpoint_name,
+            self.config.partition_key,
+            extra={**self._fields(projection), "rebuilding": True},
+        )
+        return BatchResult(
+            0,
+            0,
+            0,
+            rebuilding.transaction_id,
+            rebuilding.global_position,
+            time.perf_counter() - started,
+            False,
+            rebuilding=True,
+        )
 
     # -- internals --------------------------------------------------------------
 
@@ -520,7 +604,7 @@ class Processor:
                 logger.warning(
                     "projection %s partition %d: transient failure %d (%s: %s); retrying "
                     "the batch in %.0f ms",
-                    projection.name,
+                    projection.checkpoint_name,
                     self.config.partition_key,
                     retrier.failures,
                     cause,
@@ -535,14 +619,14 @@ class Processor:
                 )
                 retried = getattr(self.metrics, "batch_retried", None)
                 if retried is not None:
-                    retried(projection.name, self.config.partition_key, cause)
+                    retried(projection.checkpoint_name, self.config.partition_key, cause)
                 if self._stop.wait(delay):
                     raise _Stopped from None
                 continue
             if retrier.failures:
                 logger.info(
                     "projection %s partition %d: recovered after %d transient failure(s)",
-                    projection.name,
+                    projection.checkpoint_name,
                     self.config.partition_key,
                     retrier.failures,
                     extra=self._fields(projection),
@@ -550,8 +634,83 @@ class Processor:
             retrier.succeeded()
             return result
 
+    def _watch_horizon(self, projection: Projection, result: BatchResult) -> None:
+        """Warn when committed events have waited ``blocked_warning_after`` seconds behind
+        the same open transaction (the horizon did not move), naming it; again every as
+        many seconds while it lasts; say so at INFO when it is over. No query until then:
+        the batch's own checkpoint query says whether anything waits."""
+        if result.rebuilding:  # an idle poll that read nothing: it tells nothing either
+            return
+        after = self.config.blocked_warning_after
+        horizon = result.held_back_by if after is not None else None
+        episode = self._held_back
+        if episode is not None and horizon != episode.horizon:
+            self._held_back = None
+            if episode.warned:
+                logger.info(
+                    "projection %s partition %d: transaction %d ended after holding its "
+                    "events back for %.0f s",
+                    projection.checkpoint_name,
+                    self.config.partition_key,
+                    episode.horizon,
+                    time.monotonic() - episode.since,
+                    extra={
+                        **self._fields(projection),
+                        "held_back": False,
+                        "horizon_transaction_id": episode.horizon,
+                    },
+                )
+        if horizon is None or after is None:
+            return
+        now = time.monotonic()
+        if self._held_back is None:
+            self._held_back = _HeldBack(horizon, now, now + after)
+        episode = self._held_back
+        if now < episode.next_warning:
+            return
+        episode.next_warning = now + after
+        episode.warned = True
+        from eventsource import status  # it imports modules this one imports
+
+        found: list[status.Blocker] = []
+        try:
+            with self._sessions() as session:
+                found = status.blockers(session, store=self.store, limit=1)
+        except sa.exc.DBAPIError as exc:  # naming it is a courtesy: never fatal
+            logger.debug("could not list open transactions: %s", _first_line(exc))
+        fields: dict[str, Any] = {
+            **self._fields(projection),
+            "held_back": True,
+            "held_back_seconds": round(now - episode.since, 1),
+            "horizon_transaction_id": horizon,
+        }
+        if found:
+            blocker = found[0]
+            named = blocker.describe()
+            fields.update(
+                blocker_pid=blocker.pid,
+                blocker_database=blocker.database,
+                blocker_user=blocker.user,
+                blocker_application_name=blocker.application_name,
+                blocker_age_seconds=blocker.age_seconds,
+                blocker_gid=blocker.gid,
+            )
+        else:
+            named = f"transaction {horizon} (it has just ended, or this role cannot see it)"
+        logger.warning(
+            "projection %s partition %d: committed events have waited %.0f s for an open "
+            "transaction that started before them: %s. A transaction held open anywhere "
+            "on the server, in any database, delays every projection; nothing is lost, "
+            "the events are read once it ends.",
+            projection.checkpoint_name,
+            self.config.partition_key,
+            now - episode.since,
+            named,
+            extra=fields,
+        )
+
     def _describe(self, projection: Projection) -> str:
-        return f"projection {projection.name!r} (partition {self.config.partition_key})"
+        return f"projection {projection.checkpoint_name!r} (partition {self.config.partition_key})"
 
     def _queries_for(self, session: Session, projection: Projection) -> _Queries:
         dialect = session.get_bind().dialect.name
@@ -583,7 +742,9 @@ class Processor:
             queries = self._queries_for(session, projection)
             if queries.blocked is None:
                 return False
-            checkpoint = queries.lock_checkpoint(session, projection.name, self.config, lock=False)
+            checkpoint = queries.lock_checkpoint(
+                session, projection.checkpoint_name, self.config, lock=False
+            )
             if checkpoint is None:  # reset meanwhile: everything is ahead of it
                 return True
             params = checkpoint.params(1)
@@ -604,7 +765,7 @@ class Processor:
             logger.log(
                 level,
                 "projection %s partition %d failed on the batch of events %d..%d: %r",
-                projection.name,
+                projection.checkpoint_name,
                 self.config.partition_key,
                 first.global_position,
                 last.global_position,
@@ -612,11 +773,12 @@ class Processor:
                 extra={**self._fields(projection), "global_position": first.global_position},
             )
             return errors.ProjectionError(
-                f"projection {projection.name!r} (partition {self.config.partition_key}) "
-                f"handle_batch failed on the {len(failed)} events at positions "
+                f"projection {projection.checkpoint_name!r} "
+                f"(partition {self.config.partition_key}) handle_batch failed on the "
+                f"{len(failed)} events at positions "
                 f"{first.global_position}..{last.global_position}: {exc!r}; "
                 "the batch was rolled back",
-                projection=projection.name,
+                projection=projection.checkpoint_name,
                 partition_key=self.config.partition_key,
                 global_position=first.global_position,
             )
@@ -630,7 +792,7 @@ class Processor:
         logger.log(
             level,
             "projection %s partition %d failed on event %d (%s %s): %r",
-            projection.name,
+            projection.checkpoint_name,
             self.config.partition_key,
             event.global_position,
             event.event_type,
@@ -639,10 +801,10 @@ class Processor:
             extra=fields,
         )
         return errors.ProjectionError(
-            f"projection {projection.name!r} (partition {self.config.partition_key}) failed "
-            f"on event at position {event.global_position} ({event.event_type} of "
+            f"projection {projection.checkpoint_name!r} (partition {self.config.partition_key}) "
+            f"failed on event at position {event.global_position} ({event.event_type} of "
             f"{event.aggregate_type} {event.aggregate_id}): {exc!r}; the batch was rolled back",
-            projection=projection.name,
+            projection=projection.checkpoint_name,
             partition_key=self.config.partition_key,
             global_position=event.global_position,
             aggregate_id=event.aggregate_id,
@@ -656,13 +818,13 @@ class Processor:
                 "older transactions are in flight: if this transaction commits, their events "
                 "would sort before its checkpoint and be skipped. Project inside the "
                 "appending transaction only in tests that roll back.",
-                projection.name,
+                projection.checkpoint_name,
                 extra=self._fields(projection),
             )
 
     def _fields(self, projection: Projection) -> dict[str, Any]:
         return {
-            "projection": projection.name,
+            "projection": projection.checkpoint_name,
             "partition": self.config.partition_key,
             "total_partitions": self.config.total_partitions,
         }
@@ -670,7 +832,7 @@ class Processor:
     def _log_start(self, projection: Projection, mode: str) -> None:
         logger.info(
             "projection %s partition %d/%d started (%s, batch size %d)",
-            projection.name,
+            projection.checkpoint_name,
             self.config.partition_key,
             self.config.total_partitions,
             mode,
@@ -715,8 +877,27 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(orig).__name__
 
 
+@dataclass(slots=True)
+class _HeldBack:
+    """A wait behind one open transaction: since when, when to warn next."""
+
+    horizon: int
+    since: float
+    next_warning: float
+    warned: bool = False
+
+
 class _NoCheckpoint(Exception):
     """The partition has no checkpoint row yet: roll back and create it first."""
+
+
+class _Rebuilding(Exception):
+    """An online rebuild holds the projection: roll back, the batch is an idle poll."""
+
+    def __init__(self, transaction_id: int, global_position: int) -> None:
+        super().__init__(transaction_id, global_position)
+        self.transaction_id = transaction_id
+        self.global_position = global_position
 
 
 def _check_projection(projection: object) -> None:
@@ -733,6 +914,18 @@ class _Checkpoint:
     global_position: int
     xmin: int | None
     own_transaction: int | None = None
+    newest_transaction_id: int | None = None
+    """The highest transaction id of the events this transaction sees."""
+
+    @property
+    def held_back_by(self) -> int | None:
+        """The horizon, when committed events wait behind it (their id is at or above
+        it); None when nothing waits, or inside a caller's transaction that has written
+        (its own rows are read)."""
+        newest = self.newest_transaction_id
+        if newest is None or self.xmin is None or self.own_transaction is not None:
+            return None
+        return self.xmin if newest >= self.xmin else None
 
     @property
     def own_transaction_or_0(self) -> int:
@@ -760,6 +953,9 @@ class _Checkpoint:
 
 #: Second key of a projection's own advisory lock; partition keys are >= 0.
 _PROJECTION_LOCK_KEY = -1
+#: Second key of its rebuild lock, held by an online rebuild for its whole duration
+#: (a session-level lock on a connection of its own; see lock_rebuild()).
+_REBUILD_LOCK_KEY = -2
 
 
 def _advisory_lock_space(table: str) -> Callable[[str], int]:
@@ -808,6 +1004,63 @@ def lock_projection(
     conn = connection.connection() if isinstance(connection, Session) else connection
     if conn.dialect.name != "postgresql":
         return
+    busy = (
+        f"projection {name!r} still had a batch in hand after {timeout} s: its "
+        "workers hold the projection's lock (a long batch, or a transaction left "
+        "open). Nothing was changed; try again, wait longer, or stop the workers."
+    )
+    _take_lock(conn, _EXCLUSIVE_LOCK, name, store, timeout, busy)
+
+
+def lock_rebuild(
+    connection: sa.Connection,
+    name: str,
+    *,
+    store: EventStore | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Take projection ``name``'s rebuild lock for the connection's whole session
+    (PostgreSQL; nothing elsewhere): until :func:`unlock_rebuild`, or until the
+    connection ends, a killed process's included.
+
+    Call it inside a transaction of its own (it commits; the lock outlives it). Every
+    batch of the projection first tries the shared side of this lock without waiting,
+    so this waits for the batches in hand, and from then on batches of processors with
+    ``yields_to_rebuild`` set return at once like an idle poll. It keeps workers out
+    of an online rebuild's way; their exactly-once effects never depend on it (batches
+    and checkpoints are locked per partition as always). ``timeout`` bounds the wait,
+    then :class:`~eventsource.errors.ProjectionBusyError`.
+    """
+    if connection.dialect.name != "postgresql":
+        return
+    busy = (
+        f"projection {name!r} still had a batch in hand, or another rebuild of it was "
+        f"running, after {timeout} s. Nothing was changed; try again, wait longer, or "
+        "stop the workers."
+    )
+    _take_lock(connection, _REBUILD_LOCK, name, store, timeout, busy)
+
+
+def unlock_rebuild(
+    connection: sa.Connection, name: str, *, store: EventStore | None = None
+) -> None:
+    """Release the rebuild lock :func:`lock_rebuild` took on this connection."""
+    if connection.dialect.name != "postgresql":
+        return
+    tables = (store or EventStore()).tables
+    space = _advisory_lock_space(tables.names.projection_checkpoints)(name)
+    connection.execute(_REBUILD_UNLOCK, {"lock_space": space})
+
+
+def _take_lock(
+    conn: sa.Connection,
+    statement: sa.TextClause,
+    name: str,
+    store: EventStore | None,
+    timeout: float | None,
+    busy: str,
+) -> None:
+    """Run a lock ``statement`` of projection ``name``, waiting at most ``timeout``."""
     tables = (store or EventStore()).tables
     space = _advisory_lock_space(tables.names.projection_checkpoints)(name)
     if timeout is not None:
@@ -818,14 +1071,10 @@ def lock_projection(
         wait_ms = max(1, round(timeout * 1000))
         conn.execute(sa.text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{wait_ms}ms"})
     try:
-        conn.execute(_EXCLUSIVE_LOCK, {"lock_space": space})
+        conn.execute(statement, {"lock_space": space})
     except sa.exc.OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
-            raise errors.ProjectionBusyError(
-                f"projection {name!r} still had a batch in hand after {timeout} s: its "
-                "workers hold the projection's lock (a long batch, or a transaction left "
-                "open). Nothing was changed; try again, wait longer, or stop the workers."
-            ) from exc
+            raise errors.ProjectionBusyError(busy) from exc
         raise
     if timeout is not None:
         conn.execute(sa.text("SELECT set_config('lock_timeout', :v, true)"), {"v": previous})
@@ -845,6 +1094,31 @@ _BATCH_LOCK = sa.text(
     sa.bindparam("lock_space", type_=sa.Integer),
     sa.bindparam("key", type_=sa.Integer),
     sa.bindparam("projection_key", value=_PROJECTION_LOCK_KEY, type_=sa.Integer),
+)
+# The same, for workers that step aside during an online rebuild: first the shared side
+# of the rebuild lock, tried without waiting (a rebuild holds it for many transactions:
+# waiting would hold a connection and fail batch timeouts). When it is taken the query
+# returns no row and takes nothing else (the one-time filter stops it before the outer
+# levels run). Never waiting on it, a batch closes no cycle with a rebuild, which takes
+# it before anything else and waits only for the batches that hold its shared side.
+_BATCH_LOCK_UNLESS_REBUILDING = sa.text(
+    "SELECT pg_advisory_xact_lock(:lock_space, :key) FROM "
+    "(SELECT pg_advisory_xact_lock_shared(:lock_space, :projection_key) FROM "
+    "(SELECT 1 WHERE pg_try_advisory_xact_lock_shared(:lock_space, :rebuild_key) OFFSET 0) "
+    "AS rebuild OFFSET 0) AS projection"
+).bindparams(
+    sa.bindparam("lock_space", type_=sa.Integer),
+    sa.bindparam("key", type_=sa.Integer),
+    sa.bindparam("projection_key", value=_PROJECTION_LOCK_KEY, type_=sa.Integer),
+    sa.bindparam("rebuild_key", value=_REBUILD_LOCK_KEY, type_=sa.Integer),
+)
+_REBUILD_LOCK = sa.text("SELECT pg_advisory_lock(:lock_space, :key)").bindparams(
+    sa.bindparam("lock_space", type_=sa.Integer),
+    sa.bindparam("key", value=_REBUILD_LOCK_KEY, type_=sa.Integer),
+)
+_REBUILD_UNLOCK = sa.text("SELECT pg_advisory_unlock(:lock_space, :key)").bindparams(
+    sa.bindparam("lock_space", type_=sa.Integer),
+    sa.bindparam("key", value=_REBUILD_LOCK_KEY, type_=sa.Integer),
 )
 
 
@@ -989,6 +1263,8 @@ class _Queries:
             written_by = sa.column("xmin", sa.Text, _selectable=ck)
             checkpoint_columns.append(sa.cast(written_by, sa.Text))
         self._read_checkpoint = sa.select(*checkpoint_columns).where(key)
+        # Where a worker stepping aside for a rebuild stands (an idle poll's result).
+        self._peek_checkpoint = sa.select(ck.c.transaction_id, ck.c.global_position).where(key)
         # Two processes on the same projection partition queue on this lock instead of
         # both advancing it (SQLite: BEGIN IMMEDIATE already serialises the batch). An
         # advisory lock, not SELECT ... FOR UPDATE: a row lock gives the transaction an
@@ -1046,12 +1322,24 @@ class _Queries:
         )
 
     def lock_checkpoint(
-        self, session: Session, name: str, config: ProcessorConfig, *, lock: bool = True
+        self,
+        session: Session,
+        name: str,
+        config: ProcessorConfig,
+        *,
+        lock: bool = True,
+        yield_to_rebuild: bool = False,
     ) -> _Checkpoint | None:
         """Lock the partition (shared lock on the projection first) and read its
-        checkpoint; None when it has no checkpoint row."""
+        checkpoint; None when it has no checkpoint row. With ``yield_to_rebuild``,
+        raises ``_Rebuilding`` (having locked nothing) while an online rebuild runs."""
         params = {"name": name, "key": config.partition_key}
-        if lock and self._is_pg:
+        if lock and self._is_pg and yield_to_rebuild:
+            space = {"lock_space": self._lock_space(name)}
+            if session.execute(_BATCH_LOCK_UNLESS_REBUILDING, {**space, **params}).first() is None:
+                at = session.execute(self._peek_checkpoint, params).first()
+                raise _Rebuilding(*((int(at[0]), int(at[1])) if at is not None else (0, 0)))
+        elif lock and self._is_pg:
             session.execute(_BATCH_LOCK, {"lock_space": self._lock_space(name), **params})
         row = session.execute(self._read_checkpoint, params).first()
         if row is None:
@@ -1076,7 +1364,8 @@ class _Queries:
             raise errors.TransactionIdsAheadError(
                 cluster.ahead_message(f"the stored ids read by projection {name!r}", next_id)
             )
-        return _Checkpoint(int(row[1]), int(row[2]), int(row[3]), own)
+        newest = int(row[6]) if row[6] is not None else None
+        return _Checkpoint(int(row[1]), int(row[2]), int(row[3]), own, newest)
 
 
 def _full_transaction_id(xid32: int, next_id: int) -> int:

@@ -139,6 +139,9 @@ STATUS_KEYS = {
     "events_handled",
     "updated_at",
     "age_seconds",
+    "lag_capped",
+    "held_back",
+    "held_back_by",
 }
 
 
@@ -394,6 +397,10 @@ def status_json(result: subprocess.CompletedProcess[str]) -> dict[tuple[str, int
         for key in ("partition_key", "total_partitions", "checkpoint", "head", "lag"):
             assert type(row[key]) is int, (key, row)
         assert type(row["events_handled"]) is int, row
+        assert type(row["lag_capped"]) is bool, row
+        assert type(row["held_back"]) is bool, row
+        assert isinstance(row["held_back_by"], list), row
+        assert row["held_back"] or not row["held_back_by"], row
         if row["updated_at"] is None:
             assert row["age_seconds"] is None, row
         else:
@@ -734,7 +741,7 @@ def test_rebuild_produces_the_same_read_model_as_a_first_run(db: sa.Engine, app_
         40,
     )
 
-    # A rebuild whose handler fails midway leaves everything as it was.
+    # An --atomic rebuild whose handler fails midway leaves everything as it was.
     with db.begin() as conn:
         conn.execute(sa.text("UPDATE orders_rm SET amount = amount + 1000"))
     before_failure = orders_rows(db), totals_rows(db), checkpoint_rows(db)
@@ -745,6 +752,7 @@ def test_rebuild_produces_the_same_read_model_as_a_first_run(db: sa.Engine, app_
         "--app",
         "myapp:PROJECTIONS",
         "--yes",
+        "--atomic",
         "--batch-size",
         "5",
         url=url,
@@ -757,6 +765,21 @@ def test_rebuild_produces_the_same_read_model_as_a_first_run(db: sa.Engine, app_
     )
     assert (orders_rows(db), totals_rows(db), checkpoint_rows(db)) == before_failure
     assert not [line for line in failed.stdout.splitlines() if line.startswith("rebuilt")]
+
+    # Online (the default), it keeps the batches it committed, their checkpoint with them.
+    failed = cli(
+        app_dir,
+        *("rebuild", "orders", "--app", "myapp:PROJECTIONS", "--yes", "--batch-size", "5"),
+        url=url,
+        env={"MYAPP_FAIL_AT": "23"},
+    )
+    assert_clean_error(
+        failed, 1, "'orders'", "position 23", "refusing event 23", also=progress_or_log
+    )
+    assert orders_rows(db) == first_orders[:20]
+    assert totals_rows(db) == before_failure[1]
+    rows = {row.projection: row for row in status(db)}
+    assert (rows["orders"].checkpoint, rows["orders"].events_handled) == (20, 20)
 
 
 def test_rebuild_progress_lines_off_a_terminal_have_a_sane_eta(
