@@ -9,10 +9,12 @@ Driven in-process through click's CliRunner (a traceback there is an exception l
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,19 @@ def bad_urls() -> list[tuple[str, str, int, list[str]]]:
 
 
 BAD_URLS = bad_urls()
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging() -> Iterator[None]:
+    """The CLI's main() sets logger levels for its process; in-process runs must not
+    leave them to the tests that follow (they would lose the processor's INFO lines)."""
+    names = ["", "eventsource.processor", "alembic.runtime.migration"]
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    root_handlers = list(logging.root.handlers)
+    yield
+    for logger, level in saved:
+        logger.setLevel(level)
+    logging.root.handlers[:] = root_handlers
 
 
 @pytest.fixture
