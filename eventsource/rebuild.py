@@ -251,18 +251,8 @@ def rebuild(
     with _rebuild_lock(engine, name, store, wait):
         with Session(read_committed(engine)) as session, session.begin():
             require_schema(session.connection(), store)
-            # Before reading the partition count: a worker starting the projection for
-            # the first time may be creating its checkpoint right now.
-            lock_projection(session, name, store=store, timeout=wait)
-            if total_partitions is None:
-                total_partitions = _current_partitions(session, store, name)
-            reset(
-                session,
-                name,
-                store=store,
-                projection=projection,
-                keep_read_model=keep_read_model,
-                wait=wait,
+            total_partitions = _reset_for_replay(
+                session, projection, store, total_partitions, keep_read_model, wait
             )
             # Fixes the partition count with the reset: a worker starting meanwhile with
             # another count is refused, instead of refusing the rebuild's batches.
@@ -279,6 +269,32 @@ def rebuild(
     return tracker.finish()
 
 
+def _reset_for_replay(
+    session: Session,
+    projection: Projection,
+    store: EventStore,
+    total_partitions: int | None,
+    keep_read_model: bool,
+    wait: float | None,
+) -> int:
+    """Reset the projection under its exclusive lock; the partition count to replay."""
+    name = projection.checkpoint_name
+    # Before reading the partition count: a worker starting the projection for the
+    # first time may be creating its checkpoint right now.
+    lock_projection(session, name, store=store, timeout=wait)
+    if total_partitions is None:
+        total_partitions = _current_partitions(session, store, name)
+    reset(
+        session,
+        name,
+        store=store,
+        projection=projection,
+        keep_read_model=keep_read_model,
+        wait=wait,
+    )
+    return total_partitions
+
+
 def _rebuild_atomic(
     engine: sa.Engine,
     projection: Projection,
@@ -289,25 +305,14 @@ def _rebuild_atomic(
     wait: float | None,
     tracker: _Tracker,
 ) -> RebuildProgress:
-    name = projection.checkpoint_name
     with read_committed(engine).connect() as connection, connection.begin():
         require_schema(connection, store)
         sessions = sessionmaker(
             bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
         )
         with sessions() as session, session.begin():
-            # Before reading the partition count: a worker starting the projection for
-            # the first time may be creating its checkpoint right now.
-            lock_projection(session, name, store=store, timeout=wait)
-            if total_partitions is None:
-                total_partitions = _current_partitions(session, store, name)
-            reset(
-                session,
-                name,
-                store=store,
-                projection=projection,
-                keep_read_model=keep_read_model,
-                wait=wait,
+            total_partitions = _reset_for_replay(
+                session, projection, store, total_partitions, keep_read_model, wait
             )
         tracker.start(_events_in_scope(connection, store, projection), "atomic")
         for key in range(total_partitions):
