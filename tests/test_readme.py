@@ -229,3 +229,25 @@ def test_fragment_marker_is_recognised(tmp_path: Path) -> None:
     found = blocks(sample, "python")
     assert [b.fragment for b in found] == [True, False]
     assert marker in found[1].code
+
+
+def test_the_error_tree_names_every_error() -> None:
+    """The README's error tree lists every error class the library defines."""
+    import eventsource as es
+    from eventsource import errors
+
+    section = README.read_text(encoding="utf-8").split("## Errors", 1)[1].split("\n## ", 1)[0]
+    tree = blocks_in(section)
+    defined = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, es.EventSourceError)
+    }
+    listed = set(re.findall(r"^[│├└─ ]*([A-Z]\w+Error)\b", tree, re.MULTILINE))
+    assert listed == defined
+    assert defined <= set(es.__all__)  # and each one is exported
+
+
+def blocks_in(markdown: str) -> str:
+    """The first fenced block of a piece of markdown."""
+    return markdown.split("```", 2)[1]
