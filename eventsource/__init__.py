@@ -14,6 +14,7 @@ from eventsource.database import (
     upgrade,
 )
 from eventsource.errors import (
+    AppendOrderError,
     CheckpointLostError,
     ConfigurationError,
     DatabaseUnavailableError,
@@ -47,6 +48,7 @@ from eventsource.runner import ProjectionRunner, Runner
 from eventsource.store import EventStore
 
 __all__ = [
+    "AppendOrderError",
     "AppendResult",
     "BatchResult",
     "CheckpointLostError",

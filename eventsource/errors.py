@@ -59,6 +59,37 @@ class OptimisticConcurrencyError(EventSourceError):
         self.actual = actual
 
 
+class AppendOrderError(OptimisticConcurrencyError):
+    """PostgreSQL: the transaction took its id before its first append (it wrote another
+    table first), and a projection reader may already have read past that id; its
+    events would be skipped, so nothing was written. Retry in a new transaction, and
+    call :meth:`eventsource.EventStore.mark_writer` first in transactions that write
+    before they append (``run_in_transaction`` does it on its retry). See
+    docs/horizon.md.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        events_table: str,
+        bounded_context: str,
+        aggregate_type: str,
+        aggregate_id: str,
+        expected: object,
+        actual: int | None,
+    ) -> None:
+        super().__init__(
+            message,
+            bounded_context=bounded_context,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            expected=expected,
+            actual=actual,
+        )
+        self.events_table = events_table
+
+
 class ConfigurationError(EventSourceError, ValueError):
     """A projection, processor or runner is configured wrongly."""
 

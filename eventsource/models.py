@@ -204,6 +204,7 @@ class TableNames:
             ("events", f"uq_{events}_stream_version"),
             ("events", f"ix_{events}_read_order"),
             ("events", f"{VERSION_TABLE}_{events}"),
+            ("events", f"{events}_horizon"),
             ("aggregate_heads", self.aggregate_heads),
             ("aggregate_heads", f"pk_{self.aggregate_heads}"),
             ("projection_checkpoints", self.projection_checkpoints),

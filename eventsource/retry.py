@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from eventsource import errors
+from eventsource import errors, horizon
 
 logger = logging.getLogger("eventsource.retry")
 
@@ -95,6 +95,16 @@ def _transient_driver_error(orig: BaseException | None) -> bool:
         text = str(orig)
         return "database is locked" in text or "database table is locked" in text
     return False
+
+
+def append_order_error(exc: BaseException) -> errors.AppendOrderError | None:
+    """The AppendOrderError ``exc`` is or wraps (through explicit causes), if any."""
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, errors.AppendOrderError):
+            return current
+        current = current.__cause__
+    return None
 
 
 def is_conflict(exc: BaseException) -> bool:
@@ -299,11 +309,20 @@ def run_in_transaction(
             f"{type(sessions).__name__}"
         )
     policy = policy or RetryPolicy(initial_backoff=0.01, max_backoff=0.5, budget=None)
+    # Stores whose append was refused because the transaction wrote before it appended
+    # (AppendOrderError): the next attempts mark themselves as their writers first.
+    marks: set[str] = set()
     for attempt in range(1, attempts + 1):
         try:
             with new_session() as session, session.begin():
+                if marks and session.get_bind().dialect.name == "postgresql":
+                    for events_table in sorted(marks):
+                        session.execute(horizon.mark_statement(events_table))
                 return work(session)
         except Exception as exc:
+            order = append_order_error(exc)
+            if order is not None:
+                marks.add(order.events_table)
             if attempt == attempts or not is_transient(exc):
                 raise
             delay = policy.backoff(attempt)

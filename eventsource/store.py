@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session
 
-from eventsource import cluster, database, errors, models, partition
+from eventsource import cluster, database, errors, horizon, models, partition
 from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
 
 #: Where the store reads and writes: a Session, a ``scoped_session`` (its current
@@ -187,6 +187,23 @@ class EventStore:
             raise
         return AppendResult(tuple(_persisted(batch, stored)))
 
+    def mark_writer(self, session: SessionOrConnection) -> None:
+        """Mark the caller's transaction as one that will append, before it writes
+        anything else (PostgreSQL; nothing elsewhere).
+
+        Every append marks its transaction itself, so this is only needed in a
+        transaction that writes other tables *before* its first append: such a
+        transaction already has an id when it appends, and a projection may have read
+        past that id meanwhile (it waits only for marked transactions, see
+        docs/horizon.md), in which case the append is refused with
+        :class:`~eventsource.errors.AppendOrderError`. Marked from the start, it is
+        never refused; projections then wait for it as they wait for any writer.
+        """
+        conn = connection_of(session)
+        if conn.dialect.name != "postgresql":
+            return
+        conn.execute(horizon.mark_statement(self.tables.names.events))
+
     def _append_postgres(
         self, conn: sa.Connection, batch: _Batch, expected: ExpectedVersion
     ) -> list[tuple[int, int]]:
@@ -279,6 +296,31 @@ class EventStore:
     def _conflict(
         self, conn: sa.Connection, batch: _Batch, expected: ExpectedVersion
     ) -> errors.EventSourceError:
+        order = conn.execute(self._pg.order_state).one()
+        if order.ahead:
+            # A horizon published on another cluster (a restore): see eventsource.cluster.
+            return errors.TransactionIdsAheadError(
+                cluster.ahead_message(
+                    f"{_describe(batch)}: the store's published reading horizon "
+                    f"({order.published})",
+                    int(order.next_id),
+                )
+            )
+        if int(order.published) > int(order.own):
+            return errors.AppendOrderError(
+                f"{_describe(batch)}: this transaction (id {order.own}) took its id before "
+                "its first append (it wrote something else first), and a projection may "
+                f"already read past that id (up to {order.published}): its events would "
+                "be skipped, so nothing was written. Roll back and retry in a new "
+                "transaction; call EventStore.mark_writer(session) first in transactions "
+                "that write before they append (run_in_transaction does so when it retries)",
+                events_table=self.tables.names.events,
+                bounded_context=batch.bounded_context,
+                aggregate_type=batch.aggregate_type,
+                aggregate_id=batch.aggregate_id,
+                expected=expected,
+                actual=None,
+            )
         row = conn.execute(
             self._pg.head_state,
             {"bc": batch.bounded_context, "at": batch.aggregate_type, "aid": batch.aggregate_id},
@@ -423,27 +465,30 @@ class _PostgresStatements:
         heads = prep(tables.names.aggregate_heads)
         events = prep(tables.names.events)
         # Invariant 3: a transaction older than the aggregate's last writer may not append.
-        not_older = "h.transaction_id <= pg_current_xact_id()"
+        # Every head statement reads the transaction id from `ok` (horizon.append_prefix):
+        # no row there (a reader may have read past this transaction) writes nothing.
         head_sql = {
             "any": f"""
                 INSERT INTO {heads} AS h
                     (bounded_context, aggregate_type, aggregate_id, version, transaction_id)
-                VALUES (%(bc)s, %(at)s, %(aid)s, %(n)s, pg_current_xact_id())
+                SELECT %(bc)s, %(at)s, %(aid)s, %(n)s, ok.xid FROM ok
                 ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE
-                    SET version = h.version + %(n)s, transaction_id = pg_current_xact_id()
-                    WHERE {not_older}
+                    SET version = h.version + %(n)s, transaction_id = EXCLUDED.transaction_id
+                    WHERE h.transaction_id <= EXCLUDED.transaction_id
                 RETURNING h.version""",
             "no_stream": f"""
                 INSERT INTO {heads}
                     (bounded_context, aggregate_type, aggregate_id, version, transaction_id)
-                VALUES (%(bc)s, %(at)s, %(aid)s, %(n)s, pg_current_xact_id())
+                SELECT %(bc)s, %(at)s, %(aid)s, %(n)s, ok.xid FROM ok
                 ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO NOTHING
                 RETURNING version""",
             "exact": f"""
                 UPDATE {heads} AS h
-                SET version = h.version + %(n)s, transaction_id = pg_current_xact_id()
+                SET version = h.version + %(n)s, transaction_id = ok.xid
+                FROM ok
                 WHERE h.bounded_context = %(bc)s AND h.aggregate_type = %(at)s
-                    AND h.aggregate_id = %(aid)s AND h.version = %(expected)s AND {not_older}
+                    AND h.aggregate_id = %(aid)s AND h.version = %(expected)s
+                    AND h.transaction_id <= ok.xid
                 RETURNING h.version""",
         }
         insert = f"""
@@ -466,8 +511,9 @@ class _PostgresStatements:
                 a timestamptz)) WITH ORDINALITY AS e(i, t, v, p, m, c, r, x, a, ord)
             ORDER BY e.ord
             RETURNING global_position, aggregate_version"""
+        prefix = horizon.append_prefix(tables.names)
         self.append = {
-            (kind, single): f"WITH head AS ({sql}) {one if single else many}"
+            (kind, single): f"{prefix}, head AS ({sql}) {one if single else many}"
             for kind, sql in head_sql.items()
             for single in (True, False)
         }
@@ -479,6 +525,7 @@ class _PostgresStatements:
                 FROM {heads.replace("%%", "%")}
                 WHERE bounded_context = :bc AND aggregate_type = :at AND aggregate_id = :aid"""
         )
+        self.order_state = horizon.order_state(tables.names)
 
     @staticmethod
     def params(batch: _Batch, expected: ExpectedVersion) -> dict[str, Any]:

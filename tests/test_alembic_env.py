@@ -56,12 +56,13 @@ LIBRARY_TABLES = {
     "events_projection_versions",
 }
 VERSION_TABLE = "eventsource_alembic_version"
-HEAD = "es0004"
+HEAD = "es0005"
 REVISION_TITLES = {
     "es0001": "Initial schema",
     "es0002": "Cluster record",
     "es0003": "Dead letters",
     "es0004": "Projection versions",
+    "es0005": "Store horizon",
 }
 
 
@@ -109,6 +110,7 @@ def test_alembic_upgrade_head_in_the_repository(empty_engine: sa.Engine) -> None
         "INFO  [alembic.runtime.migration] Running upgrade es0001 -> es0002, " + _title("es0002"),
         "INFO  [alembic.runtime.migration] Running upgrade es0002 -> es0003, " + _title("es0003"),
         "INFO  [alembic.runtime.migration] Running upgrade es0003 -> es0004, " + _title("es0004"),
+        "INFO  [alembic.runtime.migration] Running upgrade es0004 -> es0005, " + _title("es0005"),
     ]
     assert table_names(empty_engine) == LIBRARY_TABLES | {VERSION_TABLE}
     assert database.current_revision(empty_engine) == HEAD
@@ -146,7 +148,7 @@ def test_alembic_upgrade_defaults_to_the_sqlite_file_in_the_working_directory(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "Running upgrade es0003 -> es0004" in done.stderr
+    assert "Running upgrade es0004 -> es0005" in done.stderr
     engine = es.create_engine(f"sqlite:///{tmp_path / 'eventsource.db'}", poolclass=sa.NullPool)
     try:
         assert table_names(engine) == LIBRARY_TABLES | {VERSION_TABLE}
@@ -233,7 +235,7 @@ def test_alembic_revision_writes_into_the_versions_folder(tmp_path: Path) -> Non
     [new] = [path for path in versions.iterdir() if path.name.startswith("es9999")]
     text = new.read_text()
     assert '"""add something' in text
-    assert "down_revision: str | Sequence[str] | None = 'es0004'" in text
+    assert "down_revision: str | Sequence[str] | None = 'es0005'" in text
     compile(text, str(new), "exec")
     assert ScriptDirectory.from_config(config).get_heads() == ["es9999"]
 

@@ -31,7 +31,7 @@ LIBRARY_TABLES = {
 #: The library's tables at its first revision.
 AT_ES0001 = LIBRARY_TABLES - {"events_cluster", "events_dead_letters", "events_projection_versions"}
 #: The newest revision the library ships.
-HEAD = "es0004"
+HEAD = "es0005"
 VERSION_TABLE = "eventsource_alembic_version"
 CUSTOM_NAMES = models.TableNames(
     events="app_events",

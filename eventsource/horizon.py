@@ -1,0 +1,290 @@
+"""The reading horizon of one store: wait only for transactions that can still append.
+
+Projections read, on PostgreSQL, only events whose transaction id is below a horizon
+that no transaction still able to add such rows is below (DESIGN invariant 2). The
+server rule takes ``pg_snapshot_xmin(pg_current_snapshot())``: every transaction that
+holds an id anywhere on the server counts, in any database, whether it appends or not.
+The store rule (this module, the default) counts only this store's writers:
+
+- Every append marks its transaction first, in the append statement itself: a shared
+  transaction-level advisory lock in a key space of the store's own (``mark_space``,
+  second key ``WRITER_MARK_KEY``). Processors mark their batch the same way before
+  it takes an id when their projection appends events (learnt from the first refusal).
+- A reader takes a snapshot's ``xmax`` X, finds the marked transactions and their ids
+  in ``pg_locks``, publishes that candidate H in the store's horizon sequence (a
+  non-transactional max), then looks at the marks again: the horizon is the smallest
+  id among marked transactions, or H.
+- A transaction that took its id before its first mark (it wrote another table first)
+  reads the published value after marking and is refused
+  (:class:`~eventsource.errors.AppendOrderError`, retryable) when a reader may have
+  read past its id. :meth:`EventStore.mark_writer` at the start of such a transaction
+  (``run_in_transaction`` does it on a retry) avoids the refusal.
+
+``docs/horizon.md`` gives the argument and each case: subtransactions, prepared
+transactions, a late id, an early id, the processor's own appends. The horizon is
+computed once per process per poll for all processors of a store
+(:func:`for_store`), and only when committed events wait above the server rule's
+bound, which costs nothing to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Literal
+
+import sqlalchemy as sa
+
+from eventsource import models
+from eventsource.partition import fnv1a_32
+
+logger = logging.getLogger("eventsource.horizon")
+
+#: Which transactions hold projections back: ``"store"`` (this store's writers) or
+#: ``"server"`` (every transaction on the server that holds an id).
+HorizonRule = Literal["store", "server"]
+HORIZON_RULES: tuple[HorizonRule, ...] = ("store", "server")
+
+#: Second key of the writers' mark (projection locks use >= -2; see processor).
+WRITER_MARK_KEY = -3
+#: Second key of the lock that makes publishing a maximum (read, then setval) atomic.
+PUBLISH_LOCK_KEY = -4
+#: Seconds before a store whose horizon could not be computed (no sequence yet, a role
+#: without the right) is tried again.
+RETRY_UNAVAILABLE_AFTER = 60.0
+
+_WRAP = 1 << 32
+_HALF = 1 << 31
+
+
+def mark_space(events_table: str) -> int:
+    """The first key (a signed int4) of the store's writer mark and publish lock."""
+    return fnv1a_32(f"eventsource:writers:{events_table}") - _HALF
+
+
+def sequence_name(names: models.TableNames) -> str:
+    """The sequence that holds the highest horizon any reader published."""
+    return f"{names.events}_horizon"
+
+
+def sequence_identifier(names: models.TableNames) -> str:
+    """The sequence's name as a quoted identifier (for ``CAST(:name AS regclass)``)."""
+    return _quote(sequence_name(names)).replace("%%", "%")
+
+
+def _quote(name: str) -> str:
+    """Quoted for ``exec_driver_sql`` (this pyformat preparer doubles ``%``)."""
+    from sqlalchemy.dialects import postgresql
+
+    preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
+    return str(preparer.quote(name))
+
+
+def _literal(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _quote_text(name: str) -> str:
+    """Quoted for ``sa.text``, which doubles ``%`` itself and reads ``:x`` as a parameter."""
+    return _quote(name).replace("%%", "%").replace(":", "\\:")
+
+
+def mark_statement(events_table: str) -> sa.TextClause:
+    """Take the writer mark for the rest of the transaction (never waits: nothing but
+    tests takes its exclusive side)."""
+    return sa.text(
+        f"SELECT pg_advisory_xact_lock_shared({mark_space(events_table)}, {WRITER_MARK_KEY})"
+    )
+
+
+def append_prefix(names: models.TableNames) -> str:
+    """The CTEs an append statement starts with, in driver (``%``) placeholder style.
+
+    In this order, which the data dependencies between the CTEs enforce: take the mark,
+    then the transaction id (assigning it if needed), then read the published horizon.
+    ``ok`` yields the id, or no row when a reader may already have read past it (the
+    transaction took its id before this mark); the head statement then writes nothing.
+    """
+    # Through to_regclass, not the sequence's name: a store migrated only up to es0004
+    # appends as before (nothing was published, P is 0) and its readers use the server
+    # rule (StoreHorizon.get), so nothing depends on the order of upgrade and deploy.
+    published = f"pg_sequence_last_value(to_regclass('{_literal(_quote(sequence_name(names)))}'))"
+    return f"""WITH mark AS MATERIALIZED (
+            SELECT pg_advisory_xact_lock_shared({mark_space(names.events)}, {WRITER_MARK_KEY})
+                ::text AS taken),
+        me AS MATERIALIZED (SELECT pg_current_xact_id() AS xid FROM mark),
+        ok AS MATERIALIZED (
+            SELECT me.xid FROM me
+            WHERE (SELECT COALESCE({published}, 0) WHERE me.xid IS NOT NULL)
+                <= me.xid::text::bigint)"""
+
+
+def order_state(names: models.TableNames) -> sa.TextClause:
+    """After a refused append: the published horizon against this transaction's id, and
+    whether it is ahead of the server's ids (it came with a restore). Readers publish a
+    snapshot's ``xmax``, which never exceeds a later snapshot's: a fresh one is taken
+    per statement at READ COMMITTED only, so ``ahead`` is NULL at other levels."""
+    return sa.text(
+        """SELECT p.published, pg_current_xact_id()::text::bigint AS own,
+                CASE WHEN current_setting('transaction_isolation') = 'read committed'
+                    THEN p.published > pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+                END AS ahead,
+                pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS next_id
+            FROM (
+                SELECT COALESCE(pg_sequence_last_value(to_regclass(:seq)), 0) AS published
+            ) AS p"""
+    ).bindparams(seq=sequence_identifier(names))
+
+
+def _full(xid32: str, ref: str) -> str:
+    """SQL: the 64-bit id of a 32-bit one, within 2**31 of ``ref`` either way."""
+    back = f"((({ref}) - {xid32}) % {_WRAP} + {_WRAP}) % {_WRAP}"
+    return f"(({ref}) - {back} + CASE WHEN {back} >= {_HALF} THEN {_WRAP} ELSE 0 END)"
+
+
+def _oid(key: int) -> int:
+    return key & 0xFFFFFFFF
+
+
+class StoreHorizon:
+    """The store rule's horizon for one store, shared by the processors of a process.
+
+    :meth:`get` computes it at most once per ``max_age`` seconds (running processors
+    pass their poll interval; a direct ``process_batch`` passes 0); callers that arrive
+    while a computation runs wait for it and share its result. A horizon stays safe
+    once computed (it only grows stale), so a cached one is as safe as a fresh one.
+    """
+
+    def __init__(self, names: models.TableNames) -> None:
+        self.names = names
+        space = mark_space(names.events)
+        seq = _quote_text(sequence_name(names))
+        regclass = seq.replace("'", "''")
+        xid = "transactionid::text::bigint"
+        # Each holder's own ids (a transaction holds ExclusiveLock on its id and its
+        # subtransactions'; prepared ones keep theirs, with no pid), grouped by the
+        # virtual transaction that holds the mark. One call of pg_lock_status().
+        self._marked = f"""
+            SELECT min(x8) FROM (
+                SELECT min({_full(xid, ":ref")}) FILTER (
+                        WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock') AS x8,
+                    bool_or(locktype = 'advisory' AND database = (
+                            SELECT oid FROM pg_database WHERE datname = current_database())
+                        AND classid = CAST({_oid(space)} AS oid)
+                        AND objid = CAST({_oid(WRITER_MARK_KEY)} AS oid)
+                        AND objsubid = 2) AS marked
+                FROM pg_locks
+                WHERE granted AND locktype IN ('advisory', 'transactionid')
+                GROUP BY virtualtransaction
+            ) AS holders WHERE marked"""
+        # X is read by the statement's snapshot, taken before pg_locks is read.
+        self._first = sa.text(
+            f"""SELECT x, least(x, ({self._marked.replace(":ref", "x")})) AS h
+                FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x) AS s"""
+        )
+        # The lock makes read-then-setval a maximum; the lateral read follows the lock.
+        self._publish = sa.text(
+            f"""SELECT CASE WHEN s.last_value < :h THEN setval('{regclass}', :h)
+                    ELSE s.last_value END
+                FROM (SELECT pg_advisory_xact_lock({space}, {PUBLISH_LOCK_KEY})::text AS l) AS g,
+                    LATERAL (SELECT last_value FROM {seq} WHERE g.l IS NOT NULL) AS s"""
+        )
+        self._again = sa.text(f"SELECT ({self._marked})")
+        self._lock = threading.Lock()
+        self._value: int | None = None
+        self._at = 0.0
+        self._unavailable_until = 0.0
+        self.unavailable_reason: str | None = None
+        self.computations = 0
+        """How many times the horizon was computed (for tests and benchmarks)."""
+
+    def get(self, engine: sa.Engine, max_age: float) -> int | None:
+        """The horizon, at most ``max_age`` seconds old; None where the store rule
+        cannot be used (logged once, with the reason: the server rule applies)."""
+        asked = time.monotonic()
+        with self._lock:
+            # A computation that started after this call (another thread's, while this
+            # one waited for the lock) is as fresh as one of its own.
+            if self._value is not None and self._at >= asked - max_age:
+                return self._value
+            now = time.monotonic()
+            if now < self._unavailable_until:
+                return None
+            try:
+                value = self.compute(engine)
+            except sa.exc.ProgrammingError as exc:  # no sequence yet, or no right to it
+                reason = " ".join(str(exc.orig).split())[:300]
+                if reason != self.unavailable_reason:
+                    logger.warning(
+                        "store %r: projections wait for every transaction on the server "
+                        "(the server rule): the store's reading horizon cannot be computed "
+                        "(%s); run `eventsource db upgrade` or grant the role USAGE and "
+                        "UPDATE on sequence %s",
+                        self.names.events,
+                        reason,
+                        sequence_name(self.names),
+                        extra={"events_table": self.names.events, "reason": reason},
+                    )
+                self.unavailable_reason = reason
+                self._unavailable_until = now + RETRY_UNAVAILABLE_AFTER
+                return None
+            if self.unavailable_reason is not None:
+                logger.info("store %r: the store's reading horizon is in use", self.names.events)
+                self.unavailable_reason = None
+            self._value, self._at = value, now
+            return value
+
+    def peek(self, connection: sa.Connection) -> int:
+        """The horizon a reader would compute now, without publishing it: for reports
+        (status, blockers), never for reading (a writer could still pass it unseen)."""
+        return int(connection.execute(self._first).one()[1])
+
+    def compute(self, engine: sa.Engine) -> int:
+        """Compute the horizon now (three autocommit statements, in this order)."""
+        self.computations += 1
+        with engine.connect() as connection:
+            conn = connection.execution_options(isolation_level="AUTOCOMMIT")
+            x, candidate = conn.execute(self._first).one()
+            conn.execute(self._publish, {"h": int(candidate)})
+            marked = conn.execute(self._again, {"ref": int(x)}).scalar()
+        return int(candidate) if marked is None else min(int(candidate), int(marked))
+
+
+def writers_sql(events_table: str) -> str:
+    """SQL: (pid, 32-bit id) of the transactions that hold the store's writer mark
+    (pid NULL: prepared), for reports."""
+    space = mark_space(events_table)
+    return f"""
+        SELECT m.pid, t.transactionid FROM pg_locks AS m
+        JOIN pg_locks AS t ON t.virtualtransaction = m.virtualtransaction
+        WHERE m.locktype = 'advisory' AND m.granted
+            AND m.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND m.classid = CAST({_oid(space)} AS oid)
+            AND m.objid = CAST({_oid(WRITER_MARK_KEY)} AS oid) AND m.objsubid = 2
+            AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' AND t.granted"""
+
+
+_registry: dict[tuple[str, str], StoreHorizon] = {}
+_registry_lock = threading.Lock()
+
+
+def for_store(engine: sa.Engine, names: models.TableNames) -> StoreHorizon:
+    """The process's one :class:`StoreHorizon` for this database and events table."""
+    key = (engine.url.render_as_string(hide_password=False), names.events)
+    with _registry_lock:
+        found = _registry.get(key)
+        if found is None or found.names != names:
+            found = _registry[key] = StoreHorizon(names)
+        return found
+
+
+def combine(server_bound: int, store_bound: int | None, own: int | None) -> int:
+    """The bound a batch reads below: the higher of the two rules' bounds (both are
+    safe), but never above the reading transaction's own id when it has one (a
+    checkpoint then never carries an id above the transaction that wrote it, which
+    eventsource.cluster relies on)."""
+    bound = server_bound if store_bound is None else max(server_bound, store_bound)
+    if own is not None:
+        bound = max(server_bound, min(bound, own))
+    return bound
