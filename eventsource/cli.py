@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -20,7 +21,8 @@ import click
 import sqlalchemy as sa
 
 from eventsource import cluster, database, deadletters, errors, versions
-from eventsource.processor import Processor, ProcessorConfig
+from eventsource.horizon import HORIZON_RULES, HorizonRule
+from eventsource.processor import HELD_BACK_BY, Processor, ProcessorConfig
 from eventsource.projection import Projection
 from eventsource.rebuild import DEFAULT_WAIT, RebuildProgress, has_reset, rebuild, reset
 from eventsource.retry import RetryPolicy
@@ -303,8 +305,17 @@ def db_rebase(ctx: Context, yes: bool) -> None:
     default=None,
     help=f"Exit with code {EXIT_LAGGING} when any partition lags more than N events.",
 )
+@click.option(
+    "--horizon",
+    type=click.Choice(HORIZON_RULES),
+    default="store",
+    show_default=True,
+    help="The rule the workers read by (eventsource run --horizon): what holds them back.",
+)
 @click.pass_obj
-def status_command(ctx: Context, app_spec: str | None, as_json: bool, max_lag: int | None) -> None:
+def status_command(
+    ctx: Context, app_spec: str | None, as_json: bool, max_lag: int | None, horizon: HorizonRule
+) -> None:
     """Checkpoint, head, lag and age of every projection partition, and on PostgreSQL
     the open transactions that hold them back."""
     projections = [pair.projection for pair in load_app(app_spec)] if app_spec else []
@@ -312,8 +323,8 @@ def status_command(ctx: Context, app_spec: str | None, as_json: bool, max_lag: i
     # Lag is counted up to a cap; one at least --max-lag still tells every lagging row.
     cap = DEFAULT_LAG_CAP if max_lag is None else max(DEFAULT_LAG_CAP, max_lag)
     with _database_errors(ctx):
-        rows = status(engine, projections=projections, lag_cap=cap)
-        held = blockers(engine) if any(row.held_back for row in rows) else []
+        rows = status(engine, projections=projections, lag_cap=cap, horizon=horizon)
+        held = blockers(engine, horizon=horizon) if any(row.held_back for row in rows) else []
     if as_json:
         shown = [
             {**row.to_dict(), "held_back_by": [b.to_dict() for b in held] if row.held_back else []}
@@ -323,7 +334,7 @@ def status_command(ctx: Context, app_spec: str | None, as_json: bool, max_lag: i
     else:
         click.echo(_table(rows))
         if any(row.held_back for row in rows):
-            click.echo(_held_back(held))
+            click.echo(_held_back(held, horizon))
         _echo_versions(ctx, engine, projections)
     if max_lag is not None:
         lagging = [row for row in rows if row.lag > max_lag or row.lag_capped]
@@ -341,13 +352,14 @@ def _lag(row: ProjectionStatus) -> str:
     return f"more than {row.lag}" if row.lag_capped else str(row.lag)
 
 
-def _held_back(held: Sequence[Blocker]) -> str:
-    lines = [
-        "",
-        "held back: committed events wait for older transactions still open. A transaction",
-        "held open anywhere on the server, in any database, delays every projection;",
-        "nothing is lost, the events are read once it ends." + (" Oldest first:" if held else ""),
-    ]
+def _held_back(held: Sequence[Blocker], rule: HorizonRule) -> str:
+    explained = textwrap.wrap(
+        "held back: committed events wait for older transactions still open. "
+        + HELD_BACK_BY[rule]
+        + (" Oldest first:" if held else ""),
+        width=84,
+    )
+    lines = ["", *explained]
     if held:
         lines += [f"  {blocker.describe()}" for blocker in held]
     else:
@@ -426,6 +438,14 @@ def _age(seconds: float | None) -> str:
     default=None,
     help="PostgreSQL: bound each statement of a batch (seconds); over it, retried.",
 )
+@click.option(
+    "--horizon",
+    type=click.Choice(HORIZON_RULES),
+    default="store",
+    show_default=True,
+    help="PostgreSQL: wait only for this store's writers (store) or for every transaction "
+    "on the server (server). See docs/horizon.md.",
+)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
 @click.pass_obj
 def run_command(
@@ -438,6 +458,7 @@ def run_command(
     until_caught_up: bool,
     retry_budget: float,
     batch_timeout: float | None,
+    horizon: HorizonRule,
     metrics_port: int | None,
 ) -> None:
     """Run the application's projections until Ctrl+C / SIGTERM (or until caught up).
@@ -467,6 +488,7 @@ def run_command(
                 "poll_interval",
                 "retry_budget",
                 "batch_timeout",
+                "horizon",
             )
             if click.get_current_context().get_parameter_source(name)
             != click.core.ParameterSource.DEFAULT
@@ -492,6 +514,7 @@ def run_command(
                 poll_interval=poll_interval,
                 retry=RetryPolicy(budget=retry_budget),
                 batch_timeout=batch_timeout,
+                horizon=horizon,
             )
             pairs.append(
                 ProjectionRunner(item.projection, Processor(engine, store, config, metrics=metrics))

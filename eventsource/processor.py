@@ -18,6 +18,7 @@ position order is commit order there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -30,8 +31,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from eventsource import cluster, database, errors, models, retry, signals
+from eventsource import cluster, database, errors, horizon, models, retry, signals
 from eventsource.events import PersistedEvent
+from eventsource.horizon import HORIZON_RULES, HorizonRule
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy, fnv1a_32
 from eventsource.projection import Projection
 from eventsource.retry import Retrier, RetryPolicy
@@ -50,6 +52,15 @@ WAIT_LOG_INTERVAL = 5.0
 DEFAULT_BLOCKED_WARNING_AFTER = 30.0
 
 
+#: What holds projections back under each horizon rule, for people (logs, status).
+HELD_BACK_BY: dict[str, str] = {
+    "store": "A writer of the store (a transaction that appended) held open delays every "
+    "projection of the store; nothing is lost, the events are read once it ends.",
+    "server": "A transaction held open anywhere on the server, in any database, delays "
+    "every projection; nothing is lost, the events are read once it ends.",
+}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessorConfig:
     """How one processor reads: batch size, which partition, how often to poll."""
@@ -65,6 +76,12 @@ class ProcessorConfig:
     batch_timeout: float | None = None
     """PostgreSQL: bound each statement of a batch (``statement_timeout``), so a batch
     stuck on a dead connection or a lock fails, rolls back and is retried."""
+    horizon: HorizonRule = "store"
+    """PostgreSQL: which open transactions hold the projection back (DESIGN invariant
+    2). ``"store"``: only those that can still append to this store (they mark
+    themselves; docs/horizon.md). ``"server"``: every transaction on the server that
+    holds an id, in any database (the rule before the store's horizon existed, and
+    the fallback, logged, where the store rule cannot be computed)."""
     blocked_warning_after: float | None = DEFAULT_BLOCKED_WARNING_AFTER
     """PostgreSQL: after this many seconds with committed events it cannot read yet,
     behind the same open transaction (DESIGN invariant 2), log a WARNING naming it
@@ -107,6 +124,11 @@ class ProcessorConfig:
         ):
             raise errors.ConfigurationError(
                 f"batch_timeout must be seconds > 0 or None, got {timeout!r}"
+            )
+        if self.horizon not in HORIZON_RULES:
+            raise errors.ConfigurationError(
+                f"horizon must be one of {', '.join(map(repr, HORIZON_RULES))}, "
+                f"got {self.horizon!r}"
             )
         after = self.blocked_warning_after
         if after is not None and (
@@ -229,6 +251,12 @@ class Processor:
         #: The wait behind an open transaction in progress (see _watch_horizon).
         self._held_back: _HeldBack | None = None
         self._queries: dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Queries] = {}
+        #: Projections whose batches mark themselves as writers before they take an id:
+        #: their handlers append after other writes (learnt from an AppendOrderError).
+        self._marks_first: set[str] = set()
+        #: How old a store horizon a batch accepts (seconds): 0 (computed after the batch
+        #: began) outside run(), whose polls accept one a poll interval old.
+        self._horizon_max_age = 0.0
 
     # -- public API -------------------------------------------------------------
 
@@ -251,6 +279,9 @@ class Processor:
         _check_projection(projection)
         self._log_start(projection, "run")
         retrier = Retrier(self.config.retry, self._describe(projection))
+        # While it polls, the store horizon it reads below may be a poll interval old:
+        # one computation then serves every processor of the process (horizon.py).
+        self._horizon_max_age = self.config.poll_interval
         try:
             with signals.graceful_stop(self.stop, enabled=handle_signals, log=logger):
                 self._retrying(projection, retrier, lambda: self.check_partitions(projection))
@@ -265,6 +296,7 @@ class Processor:
             pass
         finally:
             self._stop.clear()
+            self._horizon_max_age = 0.0
             logger.info(
                 "projection %s partition %d stopped",
                 projection.checkpoint_name,
@@ -400,6 +432,18 @@ class Processor:
                 self.check_partitions(projection)
             except _Rebuilding as rebuilding:
                 return self._rebuilding(projection, rebuilding, started)
+            except errors.ProjectionError as exc:
+                name = projection.checkpoint_name
+                if retry.append_order_error(exc) is not None and name not in self._marks_first:
+                    # Its handler writes, then appends: from now on its batches mark
+                    # themselves first, so their appends are never refused this way.
+                    self._marks_first.add(name)
+                    logger.info(
+                        "projection %r appends events after other writes: its batches now "
+                        "mark themselves as writers from their start (see docs/horizon.md)",
+                        name,
+                    )
+                raise
             except sa.exc.DBAPIError as exc:
                 # Handlers' errors arrive as ProjectionError; one of their read-model
                 # tables missing (flushed by our statement) names no table of ours.
@@ -410,6 +454,8 @@ class Processor:
         config = self.config
         with self._sessions() as session, session.begin():
             queries = self._queries_for(session, projection)
+            if queries.dialect == "postgresql" and projection.checkpoint_name in self._marks_first:
+                session.execute(horizon.mark_statement(self.store.tables.names.events))
             checkpoint = queries.lock_checkpoint(
                 session,
                 projection.checkpoint_name,
@@ -424,6 +470,7 @@ class Processor:
                 self._ensure_checkpoint(session, queries, projection)
                 checkpoint = queries.lock_checkpoint(session, projection.checkpoint_name, config)
                 assert checkpoint is not None
+            checkpoint = self._with_store_horizon(session, checkpoint)
             if config.batch_timeout is not None and queries.dialect == "postgresql":
                 # After the lock: waiting for a reset or rebuild is not a stuck batch.
                 session.execute(
@@ -433,7 +480,7 @@ class Processor:
             batch = queries.batch_with_own if own else queries.batch
             rows = session.execute(batch, checkpoint.params(config.batch_size)).all()
             full = len(rows) >= config.batch_size
-            horizon: Any = None
+            newest_readable: Any = None
             if not full and queries.horizon is not None:
                 # Filtered-out events still move the checkpoint, so a projection that wants
                 # 1% of the log does not rescan the other 99% on every poll. Read before the
@@ -441,7 +488,7 @@ class Processor:
                 # the checkpoint onto it would pass transactions that commit later.
                 query = queries.horizon_with_own if own else queries.horizon
                 assert query is not None  # both exist when the projection is scoped
-                horizon = session.execute(query, checkpoint.params(1)).first()
+                newest_readable = session.execute(query, checkpoint.params(1)).first()
             handled = skipped = 0
             filter_in_python = queries.python_partition_filter
             tx, pos = checkpoint.transaction_id, checkpoint.global_position
@@ -490,8 +537,10 @@ class Processor:
                 and self.warn_on_own_transaction
             ):
                 self._warn_own_transaction(projection, checkpoint)
-            if horizon is not None and (int(horizon[0]), int(horizon[1])) > (tx, pos):
-                tx, pos = int(horizon[0]), int(horizon[1])
+            if newest_readable is not None and (
+                (int(newest_readable[0]), int(newest_readable[1])) > (tx, pos)
+            ):
+                tx, pos = int(newest_readable[0]), int(newest_readable[1])
             moved = (tx, pos) != (checkpoint.transaction_id, checkpoint.global_position)
             if moved:
                 updated = session.execute(
@@ -634,6 +683,19 @@ class Processor:
             retrier.succeeded()
             return result
 
+    def _with_store_horizon(self, session: Session, checkpoint: _Checkpoint) -> _Checkpoint:
+        """The checkpoint with the store rule's horizon, when committed events wait above
+        the server rule's bound (read for free with the checkpoint) and the rule is on."""
+        if self.config.horizon != "store" or not checkpoint.waits_above_server_bound:
+            return checkpoint
+        engine = self.engine if self.engine is not None else session.connection().engine
+        found = horizon.for_store(engine, self.store.tables.names).get(
+            engine, max_age=self._horizon_max_age
+        )
+        assert checkpoint.xmin is not None
+        bound = horizon.combine(checkpoint.xmin, found, checkpoint.own_transaction)
+        return dataclasses.replace(checkpoint, xmin=bound)
+
     def _watch_horizon(self, projection: Projection, result: BatchResult) -> None:
         """Warn when committed events have waited ``blocked_warning_after`` seconds behind
         the same open transaction (the horizon did not move), naming it; again every as
@@ -675,7 +737,9 @@ class Processor:
         found: list[status.Blocker] = []
         try:
             with self._sessions() as session:
-                found = status.blockers(session, store=self.store, limit=1)
+                found = status.blockers(
+                    session, store=self.store, limit=1, horizon=self.config.horizon
+                )
         except sa.exc.DBAPIError as exc:  # naming it is a courtesy: never fatal
             logger.debug("could not list open transactions: %s", _first_line(exc))
         fields: dict[str, Any] = {
@@ -699,13 +763,12 @@ class Processor:
             named = f"transaction {horizon} (it has just ended, or this role cannot see it)"
         logger.warning(
             "projection %s partition %d: committed events have waited %.0f s for an open "
-            "transaction that started before them: %s. A transaction held open anywhere "
-            "on the server, in any database, delays every projection; nothing is lost, "
-            "the events are read once it ends.",
+            "transaction that started before them: %s. %s",
             projection.checkpoint_name,
             self.config.partition_key,
             now - episode.since,
             named,
+            HELD_BACK_BY[self.config.horizon],
             extra=fields,
         )
 
@@ -926,6 +989,12 @@ class _Checkpoint:
         if newest is None or self.xmin is None or self.own_transaction is not None:
             return None
         return self.xmin if newest >= self.xmin else None
+
+    @property
+    def waits_above_server_bound(self) -> bool:
+        """Committed events (or the caller's own) are at or above the horizon."""
+        newest = self.newest_transaction_id
+        return newest is not None and self.xmin is not None and newest >= self.xmin
 
     @property
     def own_transaction_or_0(self) -> int:

@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from eventsource import cluster, database, errors
+from eventsource import cluster, database, errors, models
+from eventsource import horizon as store_horizon
+from eventsource.horizon import HORIZON_RULES, HorizonRule
 from eventsource.models import UtcDateTime, _PGXid8
 from eventsource.projection import Projection
 from eventsource.store import EventStore, SessionOrConnection, connection_of
@@ -125,6 +127,7 @@ def status(
     projections: Iterable[str | Projection] = (),
     now: datetime | None = None,
     lag_cap: int | None = DEFAULT_LAG_CAP,
+    horizon: HorizonRule = "store",
 ) -> list[ProjectionStatus]:
     """Status of every checkpointed projection partition, plus ``projections`` never run.
 
@@ -137,8 +140,10 @@ def status(
     Lag is exact up to ``lag_cap`` events; past it the row has ``lag == lag_cap`` and
     ``lag_capped``. The cost is a few index lookups plus the events counted (at most
     ``lag_cap`` per partition), never a scan of the whole log. ``lag_cap=None`` counts
-    every event, however many.
+    every event, however many. ``horizon`` is the processors' rule
+    (:attr:`~eventsource.ProcessorConfig.horizon`) that ``held_back`` follows.
     """
+    _check_rule(horizon)
     if lag_cap is not None and (
         isinstance(lag_cap, bool) or not isinstance(lag_cap, int) or lag_cap < 1
     ):
@@ -149,8 +154,8 @@ def status(
         with target.connect() as connection:
             # Only reads: on SQLite do not queue behind writers for the write lock.
             connection.execution_options(**{database.READ_ONLY_OPTION: True})
-            return _status(connection, store, projections, now, lag_cap)
-    return _status(connection_of(target), store, projections, now, lag_cap)
+            return _status(connection, store, projections, now, lag_cap, horizon)
+    return _status(connection_of(target), store, projections, now, lag_cap, horizon)
 
 
 def _status(
@@ -159,6 +164,7 @@ def _status(
     projections: Iterable[str | Projection],
     now: datetime,
     lag_cap: int | None,
+    rule: HorizonRule,
 ) -> list[ProjectionStatus]:
     require_schema(conn, store)
     cluster.check(conn, store.tables, record=False)
@@ -176,7 +182,7 @@ def _status(
         top = conn.execute(_last_unreadable(ev).add_columns(head_query)).first()
         if top is not None:
             head = int(top[3] or 0)
-            if int(top[0]) >= int(top[2]):
+            if int(top[0]) >= _bound(conn, store, int(top[2]), rule):
                 waiting = (int(top[0]), int(top[1]))
     if head is None:  # SQLite, or no event (but the caller's own) on PostgreSQL
         head = int(conn.execute(sa.select(head_query)).scalar() or 0)
@@ -270,6 +276,20 @@ def _horizon() -> sa.ColumnElement[Any]:
     return sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot())
 
 
+def _check_rule(rule: object) -> None:
+    if rule not in HORIZON_RULES:
+        raise errors.ConfigurationError(
+            f"horizon must be one of {', '.join(map(repr, HORIZON_RULES))}, got {rule!r}"
+        )
+
+
+def _bound(conn: sa.Connection, store: EventStore, server: int, rule: HorizonRule) -> int:
+    """The id below which processors under ``rule`` read now (from the server's bound)."""
+    if rule == "server":
+        return server
+    return max(server, store_horizon.for_store(conn.engine, store.tables.names).peek(conn))
+
+
 def _not_own(ev: sa.Table) -> sa.ColumnElement[bool]:
     # Rows of the caller's own open transaction carry its id, which is not below the
     # horizon, yet processors inside that transaction read them: they wait for nothing.
@@ -296,6 +316,7 @@ def blockers(
     *,
     store: EventStore | None = None,
     limit: int = DEFAULT_BLOCKERS_LIMIT,
+    horizon: HorizonRule = "store",
 ) -> list[Blocker]:
     """The open transactions that committed events of the store wait behind, oldest first.
 
@@ -310,24 +331,35 @@ def blockers(
     VACUUM, not projections, and is not listed. Needs nothing beyond the default
     visibility of ``pg_stat_activity``; what the role may not see stays hidden (see
     :class:`Blocker`).
+
+    That is the ``"server"`` rule. Under the ``"store"`` rule (``horizon``, the
+    processors' default: see docs/horizon.md) only the store's writers hold
+    projections back, so only transactions that hold its writer mark are listed.
     """
+    _check_rule(horizon)
     if isinstance(target, sa.Engine):
         with target.connect() as connection:
             connection.execution_options(**{database.READ_ONLY_OPTION: True})
-            return _blockers(connection, store or EventStore(), limit)
-    return _blockers(connection_of(target), store or EventStore(), limit)
+            return _blockers(connection, store or EventStore(), limit, horizon)
+    return _blockers(connection_of(target), store or EventStore(), limit, horizon)
 
 
-def _blockers(conn: sa.Connection, store: EventStore, limit: int) -> list[Blocker]:
+def _blockers(
+    conn: sa.Connection, store: EventStore, limit: int, rule: HorizonRule
+) -> list[Blocker]:
     if conn.dialect.name != "postgresql":
         return []
     ev = store.tables.events
     # The oldest waiting event's transaction: one forward step on the read-order index.
+    bound: sa.ColumnElement[Any] = _horizon()
+    if rule == "store":
+        server = int(conn.execute(sa.select(sa.cast(_horizon(), sa.Text))).scalar_one())
+        bound = models.as_xid8(_bound(conn, store, server, rule))
     oldest = conn.execute(
         sa.select(
             sa.cast(
                 sa.select(sa.func.min(ev.c.transaction_id))
-                .where(ev.c.transaction_id >= _horizon(), _not_own(ev))
+                .where(ev.c.transaction_id >= bound, _not_own(ev))
                 .scalar_subquery(),
                 sa.Text,
             ),
@@ -338,7 +370,8 @@ def _blockers(conn: sa.Connection, store: EventStore, limit: int) -> list[Blocke
         return []
     waiting_for, next_id = int(oldest[0]), int(oldest[1])
     found = []
-    for row in conn.execute(_BLOCKERS, {"prefix": QUERY_PREFIX_CHARS}).mappings():
+    query = _BLOCKERS if rule == "server" else _store_blockers(store)
+    for row in conn.execute(query, {"prefix": QUERY_PREFIX_CHARS}).mappings():
         full_id = _full_transaction_id(int(row["xid"]), next_id)
         if full_id >= waiting_for:
             continue
@@ -364,8 +397,7 @@ def _blockers(conn: sa.Connection, store: EventStore, limit: int) -> list[Blocke
 # The server's views of open transactions: PostgreSQL-only catalogs, hence raw SQL.
 # backend_xid is a 32-bit id (no xid8 there): it is widened in Python against the next
 # id, which every running transaction is less than 2**31 below.
-_BLOCKERS = sa.text(
-    """
+_BLOCKERS_SQL = """
     SELECT 'transaction' AS kind, backend_xid::text AS xid, datname AS database,
            usename AS usr, pid, application_name, state, xact_start AS started_at,
            extract(epoch FROM clock_timestamp() - xact_start) AS age,
@@ -377,7 +409,19 @@ _BLOCKERS = sa.text(
            extract(epoch FROM clock_timestamp() - prepared), NULL, gid
     FROM pg_prepared_xacts
     """
-).columns(started_at=UtcDateTime())
+_BLOCKERS = sa.text(_BLOCKERS_SQL).columns(started_at=UtcDateTime())
+
+
+def _store_blockers(store: EventStore) -> sa.TextualSelect:
+    """_BLOCKERS, but only the transactions that hold the store's writer mark."""
+    writers = store_horizon.writers_sql(store.tables.names.events)
+    sessions, prepared = _BLOCKERS_SQL.split("UNION ALL")
+    return sa.text(
+        f"""{sessions} AND pid IN (SELECT pid FROM ({writers}) AS w WHERE pid IS NOT NULL)
+        UNION ALL {prepared}
+        WHERE transaction IN (
+            SELECT transactionid FROM ({writers}) AS w WHERE pid IS NULL)"""
+    ).columns(started_at=UtcDateTime())
 
 
 def _full_transaction_id(xid32: int, next_id: int) -> int:

@@ -371,4 +371,9 @@ def processor(
     **config: Any,
 ) -> es.Processor:
     config.setdefault("poll_interval", 0.01)
+    config.setdefault("horizon", horizon_rule)
     return es.Processor(engine, store or es.EventStore(), es.ProcessorConfig(**config))
+
+
+#: The horizon rule processor() gives processors (test_gaps runs its tests under both).
+horizon_rule: Any = "store"

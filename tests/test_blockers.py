@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -98,14 +99,19 @@ def test_a_transaction_open_in_another_database_is_named_then_clears(
     store: es.EventStore,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Under the server rule (horizon="server"); the store rule waits for writers only."""
     create_applied_table(pg_engine)
     blocker = OpenTransaction(other_database)
     try:
         append_spread(pg_engine, store, 3)  # committed after the blocker took its id
 
-        (row,) = status(pg_engine, projections=[LogA()])
+        (row,) = status(pg_engine, projections=[LogA()])  # the store rule: not a writer
+        assert (row.lag, row.held_back) == (3, False)
+        assert blockers(pg_engine, store=store, limit=1000) == []
+        (row,) = status(pg_engine, projections=[LogA()], horizon="server")
         assert (row.projection, row.lag, row.lag_capped, row.held_back) == ("log_a", 3, False, True)
-        (named,) = blocker.mine(blockers(pg_engine, store=store, limit=1000))
+        server: dict[str, Any] = {"horizon": "server"}
+        (named,) = blocker.mine(blockers(pg_engine, store=store, limit=1000, **server))
         assert named.kind == "transaction"
         assert named.transaction_id == blocker.transaction_id
         assert (named.database, named.user) == (other_database.database, "postgres")
@@ -117,12 +123,18 @@ def test_a_transaction_open_in_another_database_is_named_then_clears(
         assert named.started_at is not None
         assert named.started_at.tzinfo is not None
         # Listed only when events wait: older than the oldest waiting one, oldest first.
-        listed = blockers(pg_engine, store=store, limit=1000)
+        listed = blockers(pg_engine, store=store, limit=1000, **server)
         assert [b.transaction_id for b in listed] == sorted(b.transaction_id for b in listed)
 
         # The command, as JSON and as a table.
         as_json = run_cli(
-            pg_engine.url, "status", "--app", "tests.projection_support:LogA", "--json"
+            pg_engine.url,
+            "status",
+            "--app",
+            "tests.projection_support:LogA",
+            "--json",
+            "--horizon",
+            "server",
         )
         assert as_json.returncode == 0, as_json.stderr
         (shown,) = json.loads(as_json.stdout)
@@ -132,7 +144,9 @@ def test_a_transaction_open_in_another_database_is_named_then_clears(
         assert entry["application_name"] == BLOCKER_APP
         assert entry["transaction_id"] == blocker.transaction_id
         assert entry["query"].startswith("SELECT pg_current_xact_id()")
-        table = run_cli(pg_engine.url, "status", "--app", "tests.projection_support:LogA")
+        table = run_cli(
+            pg_engine.url, "status", "--app", "tests.projection_support:LogA", "--horizon", "server"
+        )
         assert table.returncode == 0, table.stderr
         assert "held back:" in table.stdout
         assert "in any database" in table.stdout
@@ -141,7 +155,9 @@ def test_a_transaction_open_in_another_database_is_named_then_clears(
 
         # The processor warns once it has waited blocked_warning_after behind it.
         caplog.set_level(logging.INFO, logger="eventsource.processor")
-        proc = processor(pg_engine, store, blocked_warning_after=0.2, poll_interval=0.02)
+        proc = processor(
+            pg_engine, store, blocked_warning_after=0.2, poll_interval=0.02, horizon="server"
+        )
         worker = Background(lambda: proc.run(LogA(), handle_signals=False)).start()
         try:
 
@@ -166,7 +182,7 @@ def test_a_transaction_open_in_another_database_is_named_then_clears(
             assert applied(pg_engine, "log_a") == []  # nothing read behind it
 
             blocker.conn.commit()
-            assert blocker.mine(blockers(pg_engine, store=store, limit=1000)) == []
+            assert blocker.mine(blockers(pg_engine, store=store, limit=1000, **server)) == []
 
             def cleared() -> bool:
                 return any(
@@ -223,11 +239,15 @@ def test_a_prepared_transaction_is_named_and_nothing_else_is_listed(
             xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
             assert xid is not None
             conn.execute("PREPARE TRANSACTION 'es-test-gid'")
-        # Its session is gone; the prepared transaction stays until committed.
+        # Its session is gone; the prepared transaction stays until committed. It holds
+        # projections back under the server rule (it is no writer of the store).
         append_spread(engine, store, 3, prefix="late")
         (row,) = status(engine, projections=["log_a"])
+        assert (row.lag, row.held_back) == (5, False)
+        assert blockers(engine, store=store) == []
+        (row,) = status(engine, projections=["log_a"], horizon="server")
         assert (row.lag, row.held_back) == (5, True)
-        (named,) = blockers(engine, store=store)
+        (named,) = blockers(engine, store=store, horizon="server")
         assert named.kind == "prepared"
         assert (named.gid, named.database, named.user) == ("es-test-gid", "other", "postgres")
         assert named.transaction_id == int(xid[0])
@@ -244,9 +264,9 @@ def test_a_prepared_transaction_is_named_and_nothing_else_is_listed(
             ) as conn:
                 conn.execute("ROLLBACK PREPARED 'es-test-gid'")
             append_spread(engine, store, 1, prefix="after")
-            (row,) = status(engine, projections=["log_a"])
+            (row,) = status(engine, projections=["log_a"], horizon="server")
             assert (row.lag, row.held_back) == (6, False)
-            assert blockers(engine, store=store) == []
+            assert blockers(engine, store=store, horizon="server") == []
     finally:
         engine.dispose()
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 import eventsource as es
 from eventsource.partition import fnv1a_32
+from tests import projection_support
 from tests.projection_support import (
     Background,
     LogA,
@@ -40,6 +41,29 @@ from tests.projection_support import (
 )
 
 pytestmark = pytest.mark.postgres
+
+#: Tests of a transaction that took its id before it appended (T1 below), as the server
+#: rule treats it: it holds projections back from the moment it has an id. Under the
+#: store rule it does not (it is no writer yet) and its late append is refused instead;
+#: tests/test_horizon.py proves that side.
+SERVER_RULE_ONLY = {
+    "test_an_older_transaction_that_appends_last_is_read_before_the_newer_one",
+    "test_older_transaction_is_refused_after_a_newer_one_appended",
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test here runs under both horizon rules (but those above)."""
+    only_server = metafunc.function.__name__ in SERVER_RULE_ONLY
+    rules = ["server"] if only_server else ["store", "server"]
+    metafunc.parametrize("horizon_rule", rules, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def horizon_rule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """processor() (tests/projection_support.py) builds processors with this rule."""
+    monkeypatch.setattr(projection_support, "horizon_rule", request.param)
+    return str(request.param)
 
 
 class NaiveReader:
@@ -192,7 +216,10 @@ def test_catch_up_does_not_stop_when_the_blocking_transaction_ends_between_polls
         t1.rollback()
         raise
     proc = AfterFirstBatch(
-        pg_engine, store, es.ProcessorConfig(poll_interval=0.01), callback=t1.commit
+        pg_engine,
+        store,
+        es.ProcessorConfig(poll_interval=0.01, horizon=projection_support.horizon_rule),
+        callback=t1.commit,
     )
     handled = proc.run_until_caught_up(projection)
     assert [r.global_position for r in applied(pg_engine, projection.name)] == [t1.position, p2]

@@ -91,7 +91,7 @@ def test_an_idle_poll_does_not_scan_the_events_waiting_behind_an_open_transactio
     idle = {name: buffers_touched(engine, proc, p, plan) for name, (p, proc) in polls.items()}
 
     with engine.connect() as blocker:
-        blocker.execute(sa.text("SELECT pg_current_xact_id()"))  # open, with an id
+        store.append(blocker, [event("blocker")])  # an open writer: it holds them back
         waiting = [[event(f"behind-{i}")] for i in range(3000)]
         append(engine, store, waiting, per_transaction=3000 if bulk else 10)
         for name, (projection, proc) in polls.items():
