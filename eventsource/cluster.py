@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from eventsource import errors, models
+from eventsource import errors, horizon, models
 
 if TYPE_CHECKING:
     from eventsource.store import EventStore
@@ -293,6 +293,21 @@ _ROW_BY_ROW = (
 )
 
 
+def _rebase_published_horizon(conn: sa.Connection, names: models.TableNames, next_id: int) -> None:
+    """Bring a published reading horizon that came with the restore (ahead of this
+    server's ids, so every append would be refused) down to this server's next id:
+    no lower, so a transaction here that took its id before is still refused (see
+    eventsource.horizon)."""
+    params = {"seq": horizon.sequence_identifier(names), "next": next_id}
+    conn.execute(
+        sa.text(
+            "SELECT setval(to_regclass(CAST(:seq AS text)), :next) "
+            "WHERE :next < pg_sequence_last_value(to_regclass(CAST(:seq AS text)))"
+        ),
+        params,
+    )
+
+
 def _rebase(conn: sa.Connection, tables: models.Tables) -> RebaseResult:
     s = _statements(tables.names)
     conn.execute(s.lock_checkpoints)
@@ -326,6 +341,7 @@ def _rebase(conn: sa.Connection, tables: models.Tables) -> RebaseResult:
     if state.can_identify and state.has_record_table:
         here, _ = _identities(conn, s)
         conn.execute(s.record, {"system_identifier": here})
+    _rebase_published_horizon(conn, tables.names, next_id)
     result = RebaseResult(
         events=events,
         aggregate_heads=heads,

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import eventsource as es
-from eventsource import cluster
+from eventsource import cluster, horizon
 from eventsource.status import status
 from tests.conftest import PostgresServer
 from tests.pg_cluster import (
@@ -135,6 +135,16 @@ def event(aggregate_id: str, aggregate_type: str = "Order") -> es.Event:
         event_type="Happened",
         payload={"n": aggregate_id},
     )
+
+
+def published_horizon(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT last_value FROM events_horizon").scalar_one())
+
+
+def set_published_horizon(engine: sa.Engine, value: int) -> None:
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"SELECT setval('events_horizon', {value})")
 
 
 def append(
@@ -1028,6 +1038,8 @@ def test_dump_restore_into_a_cluster_behind_then_rebase(
     # out during the test (a restore takes a few dozen).
     burn_transaction_ids(pg_server, next_transaction_id(other_admin) + 5_000)
     build_history(pg_engine)
+    # A reader publishes its reading horizon (the dump carries it; see eventsource.horizon).
+    horizon.for_store(pg_engine, es.EventStore().tables.names).compute(pg_engine)
     check(pg_engine)
     shared_cluster = this_cluster(pg_engine)
     assert recorded_cluster(pg_engine) == shared_cluster
@@ -1047,7 +1059,16 @@ def test_dump_restore_into_a_cluster_behind_then_rebase(
             append(engine, "o1")
         with pytest.raises(es.TransactionIdsAheadError):
             append(engine, "o3", expected=es.ExpectedVersion.exact(1))
-        append(engine, "n1", 2)  # new aggregates still take appends: kept as they are
+        # The reading horizon the old cluster's readers published came with the dump,
+        # ahead of this server's ids: new aggregates are refused too (eventsource.horizon).
+        restored_horizon = published_horizon(engine)
+        with pytest.raises(es.TransactionIdsAheadError, match="published reading horizon"):
+            append(engine, "n1", 2)
+        # Without one (a store whose readers never published one), new aggregates still
+        # take appends, which the rebase keeps as they are.
+        set_published_horizon(engine, 0)
+        append(engine, "n1", 2)
+        set_published_horizon(engine, restored_horizon)
 
         done = cli(restored_url, "db", "rebase", "--yes")
         assert done.returncode == 0, done.stderr
@@ -1056,6 +1077,9 @@ def test_dump_restore_into_a_cluster_behind_then_rebase(
 
         check(engine)
         assert recorded_cluster(engine) == this_cluster(engine)
+        # Brought down to this server's next id, no lower (see cluster.rebase).
+        assert published_horizon(engine) < restored_horizon
+        assert published_horizon(engine) <= next_transaction_id(engine)
         assert covered(engine) == expected_covered
         assert_versions_in_read_order(engine)
         append(engine, "o1")
@@ -1096,6 +1120,7 @@ def test_dump_restore_into_a_cluster_behind_overtaken_before_the_rebase(
         restored_max = max(transaction_ids(engine).values())
         with pytest.raises(es.TransactionIdsAheadError):
             check(engine)
+        set_published_horizon(engine, 0)  # as test_dump_restore_into_a_cluster_behind_then_rebase
         append(engine, "n1", 2)
         burn_transaction_ids(other_admin, restored_max)
         assert next_transaction_id(engine) > restored_max
