@@ -122,8 +122,13 @@ def server_major_version(bindir: Path) -> int:
 
 
 @contextmanager
-def throwaway_cluster(bindir: Path | None = None) -> Iterator[Cluster]:
-    """Start a new cluster, yield it, then stop it and delete its files (always)."""
+def throwaway_cluster(
+    bindir: Path | None = None, settings: dict[str, str] | None = None
+) -> Iterator[Cluster]:
+    """Start a new cluster, yield it, then stop it and delete its files (always).
+
+    ``settings`` adds server settings (``-c name=value``), e.g. ``max_prepared_transactions``.
+    """
     bindir = bindir or find_bindir()
     if bindir is None:
         raise ClusterUnavailableError("no PostgreSQL server binaries (initdb, pg_ctl) found")
@@ -150,7 +155,7 @@ def throwaway_cluster(bindir: Path | None = None) -> Iterator[Cluster]:
             "UTF8",
             "--no-sync",
         )
-        port, options = _start(bindir, root, datadir)
+        port, options = _start(bindir, root, datadir, settings or {})
         url = sa.URL.create(
             "postgresql+psycopg",
             username="postgres",
@@ -176,7 +181,9 @@ def throwaway_cluster(bindir: Path | None = None) -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _start(bindir: Path, root: Path, datadir: Path, attempts: int = 3) -> tuple[int, str]:
+def _start(
+    bindir: Path, root: Path, datadir: Path, settings: dict[str, str], attempts: int = 3
+) -> tuple[int, str]:
     """Start the server on a free port (another process may take it first: retry)."""
     failure = ""
     for _ in range(attempts):
@@ -191,6 +198,7 @@ def _start(bindir: Path, root: Path, datadir: Path, attempts: int = 3) -> tuple[
                 "-c full_page_writes=off",
                 "-c max_connections=20",
                 "-c shared_buffers=16MB",
+                *(f"-c {name}={value}" for name, value in settings.items()),
             ]
         )
         log = root / f"server-{port}.log"

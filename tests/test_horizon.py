@@ -1,0 +1,591 @@
+"""The store's reading horizon: projections wait only for transactions that can append.
+
+Each case of docs/horizon.md's argument is interleaved here step by step on a real
+server, and the rule's promises are checked against the server rule as a control:
+foreign transactions (another database, a non-appending writer, another projection's
+batch) no longer hold projections back, while a writer still does, and nothing is
+ever skipped or applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+import eventsource as es
+from eventsource import horizon
+from tests.conftest import PostgresServer
+from tests.pg_cluster import Cluster, ClusterUnavailableError, throwaway_cluster
+from tests.projection_support import (
+    AppliedLog,
+    Background,
+    LogA,
+    LogB,
+    applied,
+    assert_versions_in_order,
+    create_applied_table,
+    event,
+    wait_readable,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+def processor(
+    engine: sa.Engine, store: es.EventStore, rule: str = "store", **config: object
+) -> es.Processor:
+    # poll_interval 0: a direct process_batch computes a fresh horizon whenever it needs one.
+    return es.Processor(
+        engine,
+        store,
+        es.ProcessorConfig(horizon=rule, poll_interval=0, **config),  # type: ignore[arg-type]
+    )
+
+
+def commit(engine: sa.Engine, store: es.EventStore, *events: es.Event) -> list[int]:
+    """One committed transaction appending each event; their positions."""
+    with Session(engine) as session, session.begin():
+        return [store.append(session, [e]).events[0].global_position for e in events]
+
+
+def handled_positions(engine: sa.Engine, name: str) -> list[int]:
+    """In the order the projection handled them."""
+    return [row.global_position for row in sorted(applied(engine, name), key=lambda r: r.seq)]
+
+
+@contextmanager
+def open_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A transaction left open for the block, rolled back after it."""
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        try:
+            yield conn
+        finally:
+            if transaction.is_active:
+                transaction.rollback()
+
+
+def take_id_by_writing(conn: sa.Connection) -> int:
+    """Write a row outside the store (a transaction id, and no mark)."""
+    conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS side_table (x int)")
+    conn.exec_driver_sql("INSERT INTO side_table VALUES (1)")
+    return int(conn.exec_driver_sql("SELECT pg_current_xact_id()::text").scalar_one())
+
+
+def publish(engine: sa.Engine, store: es.EventStore) -> int:
+    """A reader computes (and publishes) the store horizon now."""
+    return horizon.for_store(engine, store.tables.names).compute(engine)
+
+
+@pytest.fixture
+def other_database(pg_server: PostgresServer) -> Iterator[sa.Engine]:
+    url = pg_server.create_database()
+    engine = es.create_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        pg_server.drop_database(url)
+
+
+# -- what no longer holds projections back ------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["store", "server"])
+def test_a_write_transaction_in_another_database_does_not_hold_back_the_store_rule(
+    pg_engine: sa.Engine, store: es.EventStore, other_database: sa.Engine, rule: str
+) -> None:
+    create_applied_table(pg_engine)
+    projection = LogA()
+    with open_transaction(other_database) as foreign:
+        take_id_by_writing(foreign)
+        positions = commit(pg_engine, store, event("A"), event("B"))
+        handled = processor(pg_engine, store, rule).process_batch(projection).handled
+        # The server rule (the control) waits for the foreign transaction.
+        assert handled == (2 if rule == "store" else 0)
+    processor(pg_engine, store, rule).run_until_caught_up(projection)
+    assert handled_positions(pg_engine, projection.name) == positions
+
+
+@pytest.mark.parametrize("rule", ["store", "server"])
+def test_a_non_appending_write_transaction_in_the_same_database_does_not_hold_back(
+    pg_engine: sa.Engine, store: es.EventStore, rule: str
+) -> None:
+    create_applied_table(pg_engine)
+    projection = LogA()
+    with open_transaction(pg_engine) as writer:
+        take_id_by_writing(writer)
+        positions = commit(pg_engine, store, event("A"))
+        handled = processor(pg_engine, store, rule).process_batch(projection).handled
+        assert handled == (1 if rule == "store" else 0)
+    processor(pg_engine, store, rule).run_until_caught_up(projection)
+    assert handled_positions(pg_engine, projection.name) == positions
+
+
+class GatedLog(AppliedLog):
+    """Writes its row, then waits at a gate: a batch with an id, held open."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def handle(self, event: es.PersistedEvent, session: Session) -> None:
+        super().handle(event, session)
+        session.flush()
+        self.inside.set()
+        assert self.release.wait(30)
+
+
+@pytest.mark.parametrize("rule", ["store", "server"])
+def test_a_slow_projection_batch_does_not_hold_back_the_others(
+    pg_engine: sa.Engine, store: es.EventStore, rule: str
+) -> None:
+    create_applied_table(pg_engine)
+    first = commit(pg_engine, store, event("A"))
+    wait_readable(pg_engine)  # A, whatever else runs on the server (the server rule)
+    slow, fast = GatedLog(), LogB()
+    batch = Background(lambda: processor(pg_engine, store, rule).process_batch(slow)).start()
+    try:
+        assert slow.inside.wait(15)  # the slow batch has written: it holds an id
+        later = commit(pg_engine, store, event("B"))
+        handled = processor(pg_engine, store, rule).process_batch(fast).handled
+        assert handled == (2 if rule == "store" else 1)
+    finally:
+        slow.release.set()
+        batch.join()
+    processor(pg_engine, store, rule).run_until_caught_up(fast)
+    assert handled_positions(pg_engine, fast.name) == first + later
+
+
+# -- what still holds them back: writers ------------------------------------------
+
+
+def test_an_open_appending_transaction_holds_back_and_nothing_is_skipped(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    create_applied_table(pg_engine)
+    projection = LogA()
+    proc = processor(pg_engine, store)
+    with open_transaction(pg_engine) as writer:
+        held = store.append(writer, [event("A")]).events[0].global_position
+        later = commit(pg_engine, store, event("B"))
+        assert proc.process_batch(projection).handled == 0  # B sorts after the writer
+        writer.commit()
+    proc.run_until_caught_up(projection)
+    assert handled_positions(pg_engine, projection.name) == [held, *later]
+
+
+def test_a_writer_marked_first_holds_back_from_its_first_write(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """mark_writer, then another write (the id), then the append: never refused."""
+    create_applied_table(pg_engine)
+    projection = LogA()
+    proc = processor(pg_engine, store)
+    with open_transaction(pg_engine) as writer:
+        store.mark_writer(writer)
+        take_id_by_writing(writer)
+        later = commit(pg_engine, store, event("B"))
+        assert proc.process_batch(projection).handled == 0
+        publish(pg_engine, store)
+        held = store.append(writer, [event("A")]).events[0].global_position
+        writer.commit()
+    proc.run_until_caught_up(projection)
+    # In transaction order: the writer took its id before B's transaction.
+    assert handled_positions(pg_engine, projection.name) == [held, *later]
+
+
+def test_a_writer_that_takes_its_id_after_the_horizon_was_read_sorts_after_it(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """Marked but with no id yet when the horizon is computed: its id comes later."""
+    create_applied_table(pg_engine)
+    projection = LogA()
+    proc = processor(pg_engine, store)
+    with open_transaction(pg_engine) as writer:
+        store.mark_writer(writer)
+        earlier = commit(pg_engine, store, event("B"))
+        assert proc.process_batch(projection).handled == 1  # no id: nothing to wait for
+        late = store.append(writer, [event("A")]).events[0].global_position  # not refused
+        assert proc.process_batch(projection).handled == 0
+        writer.commit()
+    proc.run_until_caught_up(projection)
+    assert handled_positions(pg_engine, projection.name) == [*earlier, late]
+
+
+# -- an early id: refused, never skipped --------------------------------------------
+
+
+def test_a_transaction_that_wrote_first_is_refused_once_a_reader_passed_it(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    create_applied_table(pg_engine)
+    projection = LogA()
+    proc = processor(pg_engine, store)
+    with open_transaction(pg_engine) as early:
+        own = take_id_by_writing(early)
+        passed = commit(pg_engine, store, event("B"))
+        assert proc.process_batch(projection).handled == 1  # read past the early id
+        with pytest.raises(es.AppendOrderError, match="took its id before") as refused:
+            store.append(early, [event("A")])
+        assert isinstance(refused.value, es.OptimisticConcurrencyError)
+        assert refused.value.events_table == "events"
+        assert str(own) in str(refused.value)
+        # Nothing was written: no head, no event.
+        assert early.exec_driver_sql("SELECT count(*) FROM events").scalar_one() == 1
+        assert early.exec_driver_sql("SELECT count(*) FROM aggregate_heads").scalar_one() == 1
+    retried = commit(pg_engine, store, event("A"))
+    proc.run_until_caught_up(projection)
+    assert handled_positions(pg_engine, projection.name) == passed + retried
+
+
+def test_an_early_id_is_not_refused_while_no_reader_passed_it(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """The refusal needs a published horizon above the id: writes alone never cause it."""
+    create_applied_table(pg_engine)
+    with open_transaction(pg_engine) as early:
+        take_id_by_writing(early)
+        commit(pg_engine, store, event("B"))
+        store.append(early, [event("A")])  # no reader computed a horizon meanwhile
+        early.commit()
+    processor(pg_engine, store).run_until_caught_up(LogA())
+    assert len(applied(pg_engine, "log_a")) == 2
+
+
+def test_run_in_transaction_marks_its_retry_so_an_early_writer_succeeds(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """Every attempt writes first, then a reader passes it, then it appends."""
+    create_applied_table(pg_engine)
+    attempts: list[bool] = []
+
+    def work(session: Session) -> int:
+        conn = session.connection()
+        take_id_by_writing(conn)
+        commit(pg_engine, store, event(f"other-{len(attempts)}"))
+        publish(pg_engine, store)
+        marked = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = "
+            f"pg_backend_pid() AND objid = {horizon.WRITER_MARK_KEY & 0xFFFFFFFF}"
+        ).scalar_one()
+        attempts.append(bool(marked))
+        return store.append(session, [event("A")]).events[0].global_position
+
+    position = es.run_in_transaction(pg_engine, work)
+    assert attempts == [False, True]  # refused once, then marked from its start
+    processor(pg_engine, store).run_until_caught_up(LogA())
+    positions = handled_positions(pg_engine, "log_a")
+    assert sorted(positions) == sorted(set(positions))
+    assert position in positions
+    assert len(positions) == 3  # two others and A, each once
+
+
+# -- the order inside the append statement --------------------------------------------
+
+
+@contextmanager
+def marks_held_exclusively(engine: sa.Engine, store: es.EventStore) -> Iterator[None]:
+    """Writers wait at their mark while this holds its exclusive side (tests only)."""
+    space = horizon.mark_space(store.tables.names.events)
+    with open_transaction(engine) as gate:
+        gate.exec_driver_sql(f"SELECT pg_advisory_xact_lock({space}, {horizon.WRITER_MARK_KEY})")
+        yield
+
+
+def test_a_writer_waiting_at_its_mark_reads_the_horizon_published_meanwhile(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """Early id: it marks only after a reader published past it, then is refused."""
+    create_applied_table(pg_engine)
+    projection = LogA()
+    with open_transaction(pg_engine) as early:
+        own = take_id_by_writing(early)
+        with marks_held_exclusively(pg_engine, store):
+            append = Background(lambda: store.append(early, [event("A")])).start()
+            assert not append.finished_within(0.3)  # waiting for its mark
+            passed = commit_with_gate_open(pg_engine, store)
+            assert processor(pg_engine, store).process_batch(projection).handled == 1
+            assert publish(pg_engine, store) > own
+        append.join()
+        assert isinstance(append.error, es.AppendOrderError)
+    processor(pg_engine, store).run_until_caught_up(projection)
+    assert handled_positions(pg_engine, projection.name) == passed
+
+
+def commit_with_gate_open(engine: sa.Engine, store: es.EventStore) -> list[int]:
+    """Commit an event while writers wait at their mark: through a transaction marked
+    before the gate closed is impossible here, so write it without the store (the raw
+    row as the store writes it), which is what a writer that passed its mark does."""
+    with engine.begin() as conn:
+        row = conn.exec_driver_sql(
+            "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, "
+            "aggregate_version, partition_hash, event_id, event_type, event_version, payload, "
+            "created_at) VALUES ('sales', 'Order', 'B', 1, 0, gen_random_uuid(), 'Happened', "
+            "1, '{}', now()) RETURNING global_position"
+        ).scalar_one()
+    return [int(row)]
+
+
+def test_a_writer_without_an_id_waiting_at_its_mark_is_not_refused(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """Late id: its id is taken after the mark, so after everything published."""
+    create_applied_table(pg_engine)
+    projection = LogA()
+    with open_transaction(pg_engine) as late:
+        with marks_held_exclusively(pg_engine, store):
+            append = Background(lambda: store.append(late, [event("A")])).start()
+            assert not append.finished_within(0.3)
+            passed = commit_with_gate_open(pg_engine, store)
+            assert processor(pg_engine, store).process_batch(projection).handled == 1
+            publish(pg_engine, store)
+        append.join()
+        assert append.error is None
+        position = append.result.events[0].global_position
+        late.commit()
+    processor(pg_engine, store).run_until_caught_up(projection)
+    assert handled_positions(pg_engine, projection.name) == [*passed, position]
+
+
+# -- subtransactions ----------------------------------------------------------------
+
+
+def test_a_savepoint_rolled_back_drops_its_mark_and_a_later_append_is_checked(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    create_applied_table(pg_engine)
+    projection = LogA()
+    proc = processor(pg_engine, store)
+    with open_transaction(pg_engine) as writer:
+        savepoint = writer.begin_nested()
+        store.append(writer, [event("A")])  # the top-level id, and the mark, in the savepoint
+        savepoint.rollback()  # the row and the mark go; the id stays
+        passed = commit(pg_engine, store, event("B"))
+        assert proc.process_batch(projection).handled == 1  # no writer left to wait for
+        with pytest.raises(es.AppendOrderError):
+            store.append(writer, [event("A")])
+    proc.run_until_caught_up(projection)
+    assert handled_positions(pg_engine, projection.name) == passed
+
+
+def test_a_savepoint_released_keeps_its_mark(pg_engine: sa.Engine, store: es.EventStore) -> None:
+    create_applied_table(pg_engine)
+    projection = LogA()
+    proc = processor(pg_engine, store)
+    with open_transaction(pg_engine) as writer:
+        savepoint = writer.begin_nested()
+        held = store.append(writer, [event("A")]).events[0].global_position
+        savepoint.commit()  # RELEASE: the mark passes to the transaction
+        later = commit(pg_engine, store, event("B"))
+        assert proc.process_batch(projection).handled == 0
+        writer.commit()
+    proc.run_until_caught_up(projection)
+    assert handled_positions(pg_engine, projection.name) == [held, *later]
+
+
+# -- prepared transactions ---------------------------------------------------------
+
+
+@pytest.fixture
+def prepared_cluster() -> Iterator[Cluster]:
+    """A server of our own that allows prepared transactions (the shared one does not)."""
+    try:
+        with throwaway_cluster(settings={"max_prepared_transactions": "2"}) as cluster:
+            yield cluster
+    except ClusterUnavailableError as exc:  # pragma: no cover - depends on the machine
+        pytest.fail(f"needs a throwaway PostgreSQL cluster: {exc}")
+
+
+def test_a_prepared_writer_holds_back_across_a_restart_until_it_commits(
+    prepared_cluster: Cluster,
+) -> None:
+    engine = es.create_engine(prepared_cluster.url)
+    es.upgrade(engine)
+    store = es.EventStore()
+    create_applied_table(engine)
+    projection = LogA()
+    with engine.connect() as writer:
+        writer.begin()
+        held = store.append(writer, [event("A")]).events[0].global_position
+        writer.exec_driver_sql("PREPARE TRANSACTION 'eventsource-test'")
+        writer.rollback()  # SQLAlchemy's view of it; the transaction is prepared
+    later = commit(engine, store, event("B"))
+    with engine.connect() as conn:
+        holders = conn.exec_driver_sql(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = "
+            f"{horizon.WRITER_MARK_KEY & 0xFFFFFFFF}"
+        ).all()
+    assert holders == [(None,)]  # held by the prepared transaction, with no process
+    assert processor(engine, store).process_batch(projection).handled == 0
+    engine.dispose()
+    prepared_cluster.stop()
+    prepared_cluster.start()  # a prepared transaction survives, and takes its locks again
+    assert processor(engine, store).process_batch(projection).handled == 0
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+            "COMMIT PREPARED 'eventsource-test'"
+        )
+    processor(engine, store).run_until_caught_up(projection)
+    assert handled_positions(engine, projection.name) == [held, *later]
+    engine.dispose()
+
+
+# -- the processor's own appends ---------------------------------------------------
+
+
+class Reactor(AppliedLog):
+    """Writes its read model first, then appends: an early id in its batch.
+
+    Before its append it lets another writer commit and a reader publish the horizon,
+    so an unmarked batch is refused every time.
+    """
+
+    name = "reactor"
+
+    def __init__(self, engine: sa.Engine, store: es.EventStore) -> None:
+        super().__init__()
+        self.engine = engine
+        self.store = store
+        self.marked: list[bool] = []
+
+    def handle(self, event: es.PersistedEvent, session: Session) -> None:
+        if event.aggregate_type != "Order":
+            return
+        super().handle(event, session)
+        session.flush()  # the read-model write gives the batch its id
+        commit(self.engine, self.store, event_of("Noise", f"n-{len(self.marked)}"))
+        publish(self.engine, self.store)
+        conn = session.connection()
+        marked = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = "
+            f"pg_backend_pid() AND objid = {horizon.WRITER_MARK_KEY & 0xFFFFFFFF}"
+        ).scalar_one()
+        self.marked.append(bool(marked))
+        reaction = event_of("Shipment", f"ship-{event.aggregate_id}")
+        self.store.append(session, [reaction])
+
+
+def event_of(aggregate_type: str, aggregate_id: str) -> es.Event:
+    return event(aggregate_id, aggregate_type=aggregate_type)
+
+
+def test_a_reactor_that_writes_then_appends_learns_to_mark_its_batches(
+    pg_engine: sa.Engine, store: es.EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_applied_table(pg_engine)
+    orders = commit(pg_engine, store, event("o1"), event("o2"))
+    reactor = Reactor(pg_engine, store)
+    proc = processor(pg_engine, store, batch_size=1)
+    with caplog.at_level(logging.INFO, logger="eventsource.processor"):
+        proc.run_until_caught_up(reactor)
+    # Refused once, unmarked (the batch rolled back and was retried), then marked.
+    assert reactor.marked[:2] == [False, True]
+    assert all(reactor.marked[1:])
+    assert "mark themselves as writers" in caplog.text
+    assert handled_positions(pg_engine, reactor.name) == orders
+    # Every event, the reactions and the noise included, exactly once to a reader.
+    everything = LogB()
+    processor(pg_engine, store).run_until_caught_up(everything)
+    with pg_engine.connect() as conn:
+        stored = conn.exec_driver_sql("SELECT global_position FROM events").scalars().all()
+        shipments = conn.exec_driver_sql(
+            "SELECT count(*) FROM events WHERE aggregate_type = 'Shipment'"
+        ).scalar_one()
+    assert shipments == 2  # the refused batch's reaction was rolled back with it
+    assert sorted(handled_positions(pg_engine, everything.name)) == sorted(stored)
+    assert_versions_in_order(applied(pg_engine, everything.name))
+
+
+# -- inside a caller's transaction (tests, rebuilds) ---------------------------------
+
+
+def test_a_caller_transaction_reads_past_a_foreign_blocker_but_not_past_its_own_id(
+    pg_engine: sa.Engine, store: es.EventStore, other_database: sa.Engine
+) -> None:
+    """The test plugin's case: append and project in one transaction, on a busy server."""
+    create_applied_table(pg_engine)
+    projection = LogA()
+    with open_transaction(other_database) as foreign:
+        take_id_by_writing(foreign)
+        before = commit(pg_engine, store, event("A"))
+        with pg_engine.connect() as conn, conn.begin():
+            own = store.append(conn, [event("B")]).events[0].global_position
+            newer = commit(pg_engine, store, event("C"))  # above the caller's own id
+            proc = es.Processor(sessionmaker(bind=conn), store, es.ProcessorConfig())
+            proc.warn_on_own_transaction = False
+            proc.run_until_caught_up(projection)
+            assert handled_positions_in(conn, projection.name) == [*before, own]
+        # Committed with its checkpoint on its own event: C is read next, once.
+        processor(pg_engine, store).run_until_caught_up(projection)
+        assert handled_positions(pg_engine, projection.name) == [*before, own, *newer]
+
+
+def handled_positions_in(conn: sa.Connection, name: str) -> list[int]:
+    return list(
+        conn.exec_driver_sql(
+            "SELECT global_position FROM applied WHERE projection = %(n)s ORDER BY seq",
+            {"n": name},
+        ).scalars()
+    )
+
+
+# -- once per process, and the fallback -------------------------------------------
+
+
+def test_the_horizon_is_computed_once_for_all_processors_of_a_poll(
+    pg_engine: sa.Engine, store: es.EventStore, other_database: sa.Engine
+) -> None:
+    create_applied_table(pg_engine)
+    commit(pg_engine, store, event("A"))
+    shared = horizon.for_store(pg_engine, store.tables.names)
+    projections = [type(f"Log{i}", (AppliedLog,), {"name": f"log_{i}"})() for i in range(10)]
+    with open_transaction(other_database) as foreign:
+        take_id_by_writing(foreign)  # events wait above the server bound from now on
+        commit(pg_engine, store, event("B"))
+        processors = [
+            es.Processor(pg_engine, store, es.ProcessorConfig(poll_interval=60))
+            for _ in projections
+        ]
+        for proc in processors:
+            proc._horizon_max_age = 60.0  # as inside run(): one computation per poll
+        before = shared.computations
+        for proc, projection in zip(processors, projections, strict=True):
+            assert proc.process_batch(projection).handled == 2
+        assert shared.computations - before == 1
+
+
+def test_without_the_sequence_the_server_rule_applies_and_says_why(
+    pg_engine: sa.Engine,
+    store: es.EventStore,
+    other_database: sa.Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    create_applied_table(pg_engine)
+    projection = LogA()
+    with open_transaction(other_database) as foreign:
+        take_id_by_writing(foreign)
+        positions = commit(pg_engine, store, event("A"))
+        with pg_engine.begin() as conn:
+            conn.exec_driver_sql("DROP SEQUENCE events_horizon")
+        with caplog.at_level(logging.WARNING, logger="eventsource.horizon"):
+            assert processor(pg_engine, store).process_batch(projection).handled == 0
+        assert "the server rule" in caplog.text
+        assert "events_horizon" in caplog.text
+        assert horizon.for_store(pg_engine, store.tables.names).unavailable_reason
+    processor(pg_engine, store).run_until_caught_up(projection)  # the blocker has ended
+    assert handled_positions(pg_engine, projection.name) == positions
+
+
+def test_the_horizon_rule_is_checked() -> None:
+    with pytest.raises(es.ConfigurationError, match="horizon must be one of 'store', 'server'"):
+        es.ProcessorConfig(horizon="database")  # type: ignore[arg-type]
