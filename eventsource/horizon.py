@@ -6,10 +6,11 @@ server rule takes ``pg_snapshot_xmin(pg_current_snapshot())``: every transaction
 holds an id anywhere on the server counts, in any database, whether it appends or not.
 The store rule (this module, the default) counts only this store's writers:
 
-- Every append marks its transaction first, in the append statement itself: a shared
-  transaction-level advisory lock in a key space of the store's own (``mark_space``,
-  second key ``WRITER_MARK_KEY``). Processors mark their batch the same way before
-  it takes an id when their projection appends events (learnt from the first refusal).
+- Every append marks its transaction first: the append statement holds the events
+  table's ``ROW EXCLUSIVE`` lock from its start, as every INSERT does (a fast-path
+  lock: no cost of its own), to the end of the transaction. ``mark_statement`` takes
+  the same lock up front; processors do that before their batch takes an id when their
+  projection appends events (learnt from the first refusal).
 - A reader takes a snapshot's ``xmax`` X, finds the marked transactions and their ids
   in ``pg_locks``, publishes that candidate H in the store's horizon sequence (a
   non-transactional max), then looks at the marks again: the horizon is the smallest
@@ -46,9 +47,16 @@ logger = logging.getLogger("eventsource.horizon")
 HorizonRule = Literal["store", "server"]
 HORIZON_RULES: tuple[HorizonRule, ...] = ("store", "server")
 
-#: Second key of the writers' mark (projection locks use >= -2; see processor).
-WRITER_MARK_KEY = -3
-#: Second key of the lock that makes publishing a maximum (read, then setval) atomic.
+#: The lock modes on the events table that mark a writer: ROW EXCLUSIVE (every
+#: INSERT, UPDATE, DELETE, COPY FROM) and the stronger ones that also allow writing.
+WRITER_LOCK_MODES = (
+    "RowExclusiveLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+)
+#: Second key of the advisory lock that makes publishing a maximum (read, then setval)
+#: atomic (projection locks use >= -2, in another first key; see processor).
 PUBLISH_LOCK_KEY = -4
 #: Seconds before a store whose horizon could not be computed (no sequence yet, a role
 #: without the right) is tried again.
@@ -58,8 +66,8 @@ _WRAP = 1 << 32
 _HALF = 1 << 31
 
 
-def mark_space(events_table: str) -> int:
-    """The first key (a signed int4) of the store's writer mark and publish lock."""
+def publish_space(events_table: str) -> int:
+    """The first key (a signed int4) of the store's publish lock."""
     return fnv1a_32(f"eventsource:writers:{events_table}") - _HALF
 
 
@@ -91,29 +99,28 @@ def _quote_text(name: str) -> str:
 
 
 def mark_statement(events_table: str) -> sa.TextClause:
-    """Take the writer mark for the rest of the transaction (never waits: nothing but
-    tests takes its exclusive side)."""
-    return sa.text(
-        f"SELECT pg_advisory_xact_lock_shared({mark_space(events_table)}, {WRITER_MARK_KEY})"
-    )
+    """Mark the transaction as a writer of the store for the rest of it: the lock every
+    append takes (it never waits for other writers: ROW EXCLUSIVE does not conflict
+    with itself)."""
+    return sa.text(f"LOCK TABLE {_quote_text(events_table)} IN ROW EXCLUSIVE MODE")
 
 
 def append_prefix(names: models.TableNames) -> str:
     """The CTEs an append statement starts with, in driver (``%``) placeholder style.
 
-    In this order, which the data dependencies between the CTEs enforce: take the mark,
-    then the transaction id (assigning it if needed), then read the published horizon.
-    ``ok`` yields the id, or no row when a reader may already have read past it (the
-    transaction took its id before this mark); the head statement then writes nothing.
+    The statement holds the events table's ROW EXCLUSIVE lock (the mark) before it runs
+    at all: PostgreSQL takes the locks of every table a statement names before it
+    executes it. Then, in this order, which the data dependency between the CTEs
+    enforces: take the transaction id (assigning one if needed), then read the
+    published horizon. ``ok`` yields the id, or no row when a reader may already have
+    read past it (the transaction took its id before it marked itself); the head
+    statement then writes nothing.
     """
     # Through to_regclass, not the sequence's name: a store migrated only up to es0004
     # appends as before (nothing was published, P is 0) and its readers use the server
     # rule (StoreHorizon.get), so nothing depends on the order of upgrade and deploy.
     published = f"pg_sequence_last_value(to_regclass('{_literal(_quote(sequence_name(names)))}'))"
-    return f"""WITH mark AS MATERIALIZED (
-            SELECT pg_advisory_xact_lock_shared({mark_space(names.events)}, {WRITER_MARK_KEY})
-                ::text AS taken),
-        me AS MATERIALIZED (SELECT pg_current_xact_id() AS xid FROM mark),
+    return f"""WITH me AS MATERIALIZED (SELECT pg_current_xact_id() AS xid),
         ok AS MATERIALIZED (
             SELECT me.xid FROM me
             WHERE (SELECT COALESCE({published}, 0) WHERE me.xid IS NOT NULL)
@@ -143,8 +150,13 @@ def _full(xid32: str, ref: str) -> str:
     return f"(({ref}) - {back} + CASE WHEN {back} >= {_HALF} THEN {_WRAP} ELSE 0 END)"
 
 
-def _oid(key: int) -> int:
-    return key & 0xFFFFFFFF
+def _writer_lock(alias: str, events_table: str) -> str:
+    """SQL: pg_locks row ``alias`` is a granted writer's lock on the events table."""
+    modes = ", ".join(f"'{mode}'" for mode in WRITER_LOCK_MODES)
+    events = _literal(_quote_text(events_table))
+    return f"""{alias}locktype = 'relation' AND {alias}granted
+            AND {alias}database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND {alias}relation = to_regclass('{events}') AND {alias}mode IN ({modes})"""
 
 
 class StoreHorizon:
@@ -158,24 +170,21 @@ class StoreHorizon:
 
     def __init__(self, names: models.TableNames) -> None:
         self.names = names
-        space = mark_space(names.events)
+        space = publish_space(names.events)
         seq = _quote_text(sequence_name(names))
         regclass = seq.replace("'", "''")
         xid = "transactionid::text::bigint"
         # Each holder's own ids (a transaction holds ExclusiveLock on its id and its
         # subtransactions'; prepared ones keep theirs, with no pid), grouped by the
-        # virtual transaction that holds the mark. One call of pg_lock_status().
+        # virtual transaction that holds the mark. One call of pg_lock_status(), which
+        # lists fast-path locks too.
         self._marked = f"""
             SELECT min(x8) FROM (
                 SELECT min({_full(xid, ":ref")}) FILTER (
                         WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock') AS x8,
-                    bool_or(locktype = 'advisory' AND database = (
-                            SELECT oid FROM pg_database WHERE datname = current_database())
-                        AND classid = CAST({_oid(space)} AS oid)
-                        AND objid = CAST({_oid(WRITER_MARK_KEY)} AS oid)
-                        AND objsubid = 2) AS marked
+                    bool_or({_writer_lock("", names.events)}) AS marked
                 FROM pg_locks
-                WHERE granted AND locktype IN ('advisory', 'transactionid')
+                WHERE granted AND locktype IN ('relation', 'transactionid')
                 GROUP BY virtualtransaction
             ) AS holders WHERE marked"""
         # X is read by the statement's snapshot, taken before pg_locks is read.
@@ -252,16 +261,12 @@ class StoreHorizon:
 
 
 def writers_sql(events_table: str) -> str:
-    """SQL: (pid, 32-bit id) of the transactions that hold the store's writer mark
-    (pid NULL: prepared), for reports."""
-    space = mark_space(events_table)
+    """SQL: (pid, 32-bit id) of the transactions marked as writers of the store that
+    have an id (pid NULL: prepared), for reports."""
     return f"""
         SELECT m.pid, t.transactionid FROM pg_locks AS m
         JOIN pg_locks AS t ON t.virtualtransaction = m.virtualtransaction
-        WHERE m.locktype = 'advisory' AND m.granted
-            AND m.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-            AND m.classid = CAST({_oid(space)} AS oid)
-            AND m.objid = CAST({_oid(WRITER_MARK_KEY)} AS oid) AND m.objsubid = 2
+        WHERE {_writer_lock("m.", events_table)}
             AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' AND t.granted"""
 
 

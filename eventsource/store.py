@@ -197,7 +197,8 @@ class EventStore:
         past that id meanwhile (it waits only for marked transactions, see
         docs/horizon.md), in which case the append is refused with
         :class:`~eventsource.errors.AppendOrderError`. Marked from the start, it is
-        never refused; projections then wait for it as they wait for any writer.
+        never refused; projections then wait for it as they wait for any writer. The
+        mark is the lock an append takes anyway: ROW EXCLUSIVE on the events table.
         """
         conn = connection_of(session)
         if conn.dialect.name != "postgresql":

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import eventsource as es
 from eventsource import horizon
+from eventsource.status import blockers, status
 from tests.conftest import PostgresServer
 from tests.pg_cluster import Cluster, ClusterUnavailableError, throwaway_cluster
 from tests.projection_support import (
@@ -76,6 +77,13 @@ def take_id_by_writing(conn: sa.Connection) -> int:
     conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS side_table (x int)")
     conn.exec_driver_sql("INSERT INTO side_table VALUES (1)")
     return int(conn.exec_driver_sql("SELECT pg_current_xact_id()::text").scalar_one())
+
+
+#: Whether the session's transaction holds the store's writer mark (DESIGN: horizon.py).
+OWN_MARK = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND granted "
+    "AND relation = 'events'::regclass AND mode = 'RowExclusiveLock' AND pid = pg_backend_pid()"
+)
 
 
 def publish(engine: sa.Engine, store: es.EventStore) -> int:
@@ -170,15 +178,20 @@ def test_a_slow_projection_batch_does_not_hold_back_the_others(
 
 
 def test_an_open_appending_transaction_holds_back_and_nothing_is_skipped(
-    pg_engine: sa.Engine, store: es.EventStore
+    pg_engine: sa.Engine, store: es.EventStore, other_database: sa.Engine
 ) -> None:
     create_applied_table(pg_engine)
     projection = LogA()
     proc = processor(pg_engine, store)
-    with open_transaction(pg_engine) as writer:
+    with open_transaction(pg_engine) as writer, open_transaction(other_database) as foreign:
+        take_id_by_writing(foreign)  # older, but no writer of the store: not named
         held = store.append(writer, [event("A")]).events[0].global_position
         later = commit(pg_engine, store, event("B"))
         assert proc.process_batch(projection).handled == 0  # B sorts after the writer
+        (row,) = status(pg_engine, projections=[projection])
+        assert (row.lag, row.held_back) == (1, True)  # B waits (A is not committed yet)
+        pid = writer.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        assert [(b.kind, b.pid) for b in blockers(pg_engine, store=store)] == [("transaction", pid)]
         writer.commit()
     proc.run_until_caught_up(projection)
     assert handled_positions(pg_engine, projection.name) == [held, *later]
@@ -274,11 +287,7 @@ def test_run_in_transaction_marks_its_retry_so_an_early_writer_succeeds(
         take_id_by_writing(conn)
         commit(pg_engine, store, event(f"other-{len(attempts)}"))
         publish(pg_engine, store)
-        marked = conn.exec_driver_sql(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = "
-            f"pg_backend_pid() AND objid = {horizon.WRITER_MARK_KEY & 0xFFFFFFFF}"
-        ).scalar_one()
-        attempts.append(bool(marked))
+        attempts.append(bool(conn.exec_driver_sql(OWN_MARK).scalar_one()))
         return store.append(session, [event("A")]).events[0].global_position
 
     position = es.run_in_transaction(pg_engine, work)
@@ -294,11 +303,11 @@ def test_run_in_transaction_marks_its_retry_so_an_early_writer_succeeds(
 
 
 @contextmanager
-def marks_held_exclusively(engine: sa.Engine, store: es.EventStore) -> Iterator[None]:
-    """Writers wait at their mark while this holds its exclusive side (tests only)."""
-    space = horizon.mark_space(store.tables.names.events)
+def writers_held_at_their_mark(engine: sa.Engine) -> Iterator[None]:
+    """Appends wait for their mark (the events table's ROW EXCLUSIVE lock, taken before
+    their statement runs) while this holds a SHARE lock on the table; readers do not."""
     with open_transaction(engine) as gate:
-        gate.exec_driver_sql(f"SELECT pg_advisory_xact_lock({space}, {horizon.WRITER_MARK_KEY})")
+        gate.exec_driver_sql("LOCK TABLE events IN SHARE MODE")
         yield
 
 
@@ -310,30 +319,16 @@ def test_a_writer_waiting_at_its_mark_reads_the_horizon_published_meanwhile(
     projection = LogA()
     with open_transaction(pg_engine) as early:
         own = take_id_by_writing(early)
-        with marks_held_exclusively(pg_engine, store):
+        passed = commit(pg_engine, store, event("B"))
+        with writers_held_at_their_mark(pg_engine):
             append = Background(lambda: store.append(early, [event("A")])).start()
             assert not append.finished_within(0.3)  # waiting for its mark
-            passed = commit_with_gate_open(pg_engine, store)
             assert processor(pg_engine, store).process_batch(projection).handled == 1
             assert publish(pg_engine, store) > own
         append.join()
         assert isinstance(append.error, es.AppendOrderError)
     processor(pg_engine, store).run_until_caught_up(projection)
     assert handled_positions(pg_engine, projection.name) == passed
-
-
-def commit_with_gate_open(engine: sa.Engine, store: es.EventStore) -> list[int]:
-    """Commit an event while writers wait at their mark: through a transaction marked
-    before the gate closed is impossible here, so write it without the store (the raw
-    row as the store writes it), which is what a writer that passed its mark does."""
-    with engine.begin() as conn:
-        row = conn.exec_driver_sql(
-            "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, "
-            "aggregate_version, partition_hash, event_id, event_type, event_version, payload, "
-            "created_at) VALUES ('sales', 'Order', 'B', 1, 0, gen_random_uuid(), 'Happened', "
-            "1, '{}', now()) RETURNING global_position"
-        ).scalar_one()
-    return [int(row)]
 
 
 def test_a_writer_without_an_id_waiting_at_its_mark_is_not_refused(
@@ -343,10 +338,10 @@ def test_a_writer_without_an_id_waiting_at_its_mark_is_not_refused(
     create_applied_table(pg_engine)
     projection = LogA()
     with open_transaction(pg_engine) as late:
-        with marks_held_exclusively(pg_engine, store):
+        passed = commit(pg_engine, store, event("B"))
+        with writers_held_at_their_mark(pg_engine):
             append = Background(lambda: store.append(late, [event("A")])).start()
             assert not append.finished_within(0.3)
-            passed = commit_with_gate_open(pg_engine, store)
             assert processor(pg_engine, store).process_batch(projection).handled == 1
             publish(pg_engine, store)
         append.join()
@@ -422,11 +417,14 @@ def test_a_prepared_writer_holds_back_across_a_restart_until_it_commits(
     later = commit(engine, store, event("B"))
     with engine.connect() as conn:
         holders = conn.exec_driver_sql(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = "
-            f"{horizon.WRITER_MARK_KEY & 0xFFFFFFFF}"
+            "SELECT pid FROM pg_locks WHERE locktype = 'relation' "
+            "AND relation = 'events'::regclass AND mode = 'RowExclusiveLock'"
         ).all()
     assert holders == [(None,)]  # held by the prepared transaction, with no process
     assert processor(engine, store).process_batch(projection).handled == 0
+    assert [(b.kind, b.gid) for b in blockers(engine, store=store)] == [
+        ("prepared", "eventsource-test")
+    ]
     engine.dispose()
     prepared_cluster.stop()
     prepared_cluster.start()  # a prepared transaction survives, and takes its locks again
@@ -465,12 +463,7 @@ class Reactor(AppliedLog):
         session.flush()  # the read-model write gives the batch its id
         commit(self.engine, self.store, event_of("Noise", f"n-{len(self.marked)}"))
         publish(self.engine, self.store)
-        conn = session.connection()
-        marked = conn.exec_driver_sql(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = "
-            f"pg_backend_pid() AND objid = {horizon.WRITER_MARK_KEY & 0xFFFFFFFF}"
-        ).scalar_one()
-        self.marked.append(bool(marked))
+        self.marked.append(bool(session.connection().exec_driver_sql(OWN_MARK).scalar_one()))
         reaction = event_of("Shipment", f"ship-{event.aggregate_id}")
         self.store.append(session, [reaction])
 
