@@ -83,6 +83,7 @@ EXPECTED_OUTPUT = {
         "2 ['UserCreated', 'EmailChanged']",
     ],
     "run_in_transaction": ["1 2"],
+    "store.mark_writer(session)": ["appended"],
     "sqlite_synchronous": ["2", "1"],  # FULL by default, then NORMAL when asked
     "class UserCounter": ["0"],
     "QUARANTINE_AGGREGATE": [
