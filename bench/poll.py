@@ -5,8 +5,9 @@ a write transaction is open anywhere on the server, events committed after it st
 wait behind it (DESIGN invariant 2). This measures the cost of one idle poll:
 
   (a) "no blocker": the projection is caught up and nothing waits;
-  (b) "blocker": a transaction that took its id before ``--behind`` events (default
-      100,000) were committed is still open, so all of them wait behind it.
+  (b) "blocker": a writer of the store (marked, see docs/horizon.md) that took its id
+      before ``--behind`` events (default 100,000) were committed is still open, so all
+      of them wait behind it.
 
 for an unscoped projection and for a scoped one (``aggregate_types``, which also runs
 the horizon query). The poll must not scan what waits: the figure that matters is
@@ -130,7 +131,10 @@ def main() -> None:
         measure("no blocker")  # before the blocked phase...
         blocker = psycopg.connect(conninfo)
         try:
-            blocker.execute("SELECT pg_current_xact_id()")  # takes an id, stays open
+            # A writer of the store (its mark, then its id), open: it holds projections
+            # back under either horizon rule (docs/horizon.md).
+            blocker.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE")
+            blocker.execute("SELECT pg_current_xact_id()")
             seed(conninfo, args.behind, "behind")
             measure("blocker")
         finally:
