@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import eventsource as es
+from eventsource import horizon
 
 #: One read-model table for many test projections: the primary key on
 #: (projection, global_position) makes a double-applied event fail loudly.
@@ -296,22 +297,29 @@ def assert_matches_checkpoint(engine: sa.Engine, projection: str) -> None:
 def wait_readable(engine: sa.Engine, *, timeout: float = 30.0) -> None:
     """Wait until a processor may read every committed event (PostgreSQL).
 
-    Processors read only below the oldest transaction still running anywhere on the
-    server (DESIGN invariant 2), and other databases' transactions count too: under
-    ``pytest -n``, or on a busy server, a foreign write transaction can hold committed
-    events back for a while. Tests that expect exact batches, or need a batch to read
-    an event at a given step, call this first. SQLite needs no wait.
+    Under the server rule (``horizon_rule``) processors read only below the oldest
+    transaction still running anywhere on the server (DESIGN invariant 2), and other
+    databases' transactions count too: under ``pytest -n``, or on a busy server, a
+    foreign write transaction can hold committed events back for a while; under the
+    store rule only the store's own writers do. Tests that expect exact batches, or
+    need a batch to read an event at a given step, call this first. SQLite needs no wait.
     """
     if engine.dialect.name != "postgresql":
         return
     query = sa.text(
-        "SELECT COALESCE(MAX(transaction_id) < pg_snapshot_xmin(pg_current_snapshot()), true) "
+        "SELECT MAX(transaction_id)::text, pg_snapshot_xmin(pg_current_snapshot())::text "
         "FROM events"
     )
+    shared = horizon.for_store(engine, es.EventStore().tables.names)
 
     def readable() -> bool:
         with engine.connect() as conn:
-            return bool(conn.execute(query).scalar())
+            newest, server = conn.execute(query).one()
+            if newest is None:
+                return True
+            # Under the store rule (the default) only the store's writers count.
+            bound = int(server) if horizon_rule == "server" else max(int(server), shared.peek(conn))
+            return int(newest) < bound
 
     wait_until(readable, timeout=timeout)
 

@@ -47,6 +47,9 @@ def test_a_handler_that_appends_never_makes_a_scoped_projection_skip_events(
     processor = es.Processor(pg_engine, store, es.ProcessorConfig(batch_size=10))
     with pg_engine.connect() as writer:
         late = writer.begin()
+        # A writer that takes its id now and appends later: marked first, so that the
+        # store's horizon waits for it (unmarked, it could be refused: test_horizon.py).
+        store.mark_writer(writer)
         writer.exec_driver_sql("SELECT pg_current_xact_id()")  # takes its id now
         # Handles o1 and appends a shipment (an id newer than the writer's).
         assert processor.process_batch(projection).handled == 1
