@@ -6,14 +6,16 @@ back, read-model writes included.
 
 Nothing is ever skipped on PostgreSQL, although writers commit out of position order
 (event 11 can be visible while event 10's transaction is still open): the processor
-only reads rows whose inserting transaction is older than the oldest transaction
-still running (``pg_snapshot_xmin(pg_current_snapshot())``), orders them by
-(transaction id, position) and keeps both in the checkpoint. Every row that can still
-appear later belongs to a transaction at or above that horizon, so it sorts after the
-checkpoint. The price: a transaction held open elsewhere delays projections (never
-loses events). Rows written by the processor's own transaction are read too, so a
-test can append and project inside one transaction. SQLite serialises writers, so
-position order is commit order there.
+only reads rows whose inserting transaction is below a horizon that no transaction
+still able to add rows is below, orders them by (transaction id, position) and keeps
+both in the checkpoint. Every row that can still appear later sorts after the
+checkpoint. The horizon is the store's (``ProcessorConfig.horizon="store"``, the
+default: only the store's writers count, see eventsource.horizon and docs/horizon.md)
+or the server's (``"server"``: ``pg_snapshot_xmin(pg_current_snapshot())``, every
+transaction on the server that holds an id). The price: a writer held open delays
+projections (never loses events). Rows written by the processor's own transaction
+are read too, so a test can append and project inside one transaction. SQLite
+serialises writers, so position order is commit order there.
 """
 
 from __future__ import annotations

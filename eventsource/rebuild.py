@@ -33,9 +33,10 @@ under ``BEGIN IMMEDIATE``), still exactly once.
 ``atomic=True`` runs the whole rebuild in one database transaction instead (each batch
 in a savepoint): a failed or interrupted rebuild leaves the read model and checkpoints
 exactly as they were, and readers never see a partial model. The price, on PostgreSQL,
-is one long transaction: its workers wait, and every projection on the server stops
-seeing events committed after it started until it ends (see "Why nothing is ever
-skipped" in the README); a hot row updated per event also gets slower as its dead
+is one long transaction: its workers wait, and under the server horizon rule every
+projection on the server stops seeing events committed after it started until it ends
+(the store rule, the default, waits only for writers of the store, which a rebuild is
+not; see docs/horizon.md); a hot row updated per event also gets slower as its dead
 versions pile up inside the transaction. Both modes run at READ COMMITTED whatever the
 engine's isolation, so what they clear is what the finished batches committed.
 
@@ -229,9 +230,9 @@ def rebuild(
     transaction and the replay commits batch by batch, so other projections stay live
     and readers see the model rebuilt from empty; killed or failed, it leaves a partly
     rebuilt projection that workers or a second run finish, each event once.
-    ``atomic=True``: one transaction, all or nothing, at the price of holding every
-    projection's reading horizon on a PostgreSQL server for its duration (see the
-    module docstring).
+    ``atomic=True``: one transaction, all or nothing, at the price (under the server
+    horizon rule) of holding every projection's reading horizon on a PostgreSQL server
+    for its duration (see the module docstring).
 
     ``total_partitions`` defaults to the count its checkpoints were written with, so
     partitioned workers can resume afterwards; all partitions are replayed here. A
