@@ -252,7 +252,11 @@ def main() -> None:
         }
         eventsource.upgrade(engines["store"])
         names = eventsource.EventStore().tables.names
-        horizons = {v.label: horizon.for_store(engines[v.label], names) for v in VARIANTS}
+        horizons = {}
+        for v in VARIANTS:
+            with engines[v.label].connect() as conn:
+                identity = horizon.identity_of(conn, names)
+            horizons[v.label] = horizon.for_store(engines[v.label], names, identity)
         separate = horizon.StoreHorizon(names)  # for timing compute() alone
         append(engines["store"], SEEDED, "before")
 

@@ -314,6 +314,8 @@ def _rebase(conn: sa.Connection, tables: models.Tables) -> RebaseResult:
     conn.execute(s.lock_writes)
     state = conn.execute(s.rebase_state, s.state_params).one()
     next_id = int(state.next_id)
+    # Also when nothing else is ahead: a restore can bring only the horizon ahead.
+    _rebase_published_horizon(conn, tables.names, next_id)
     events_max = _int(state.events_max)
     heads_max = _int(state.heads_max)
     checkpoints_max = _int(state.checkpoints_max)
@@ -341,7 +343,6 @@ def _rebase(conn: sa.Connection, tables: models.Tables) -> RebaseResult:
     if state.can_identify and state.has_record_table:
         here, _ = _identities(conn, s)
         conn.execute(s.record, {"system_identifier": here})
-    _rebase_published_horizon(conn, tables.names, next_id)
     result = RebaseResult(
         events=events,
         aggregate_heads=heads,

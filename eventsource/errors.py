@@ -59,13 +59,16 @@ class OptimisticConcurrencyError(EventSourceError):
         self.actual = actual
 
 
-class AppendOrderError(OptimisticConcurrencyError):
+class AppendOrderError(EventSourceError):
     """PostgreSQL: the transaction took its id before its first append (it wrote another
     table first), and a projection reader may already have read past that id; its
-    events would be skipped, so nothing was written. Retry in a new transaction, and
-    call :meth:`eventsource.EventStore.mark_writer` first in transactions that write
-    before they append (``run_in_transaction`` does it on its retry). See
-    docs/horizon.md.
+    events would be skipped, so nothing was written. Roll back and retry in a new
+    transaction, and call :meth:`eventsource.EventStore.mark_writer` first in
+    transactions that write before they append (``run_in_transaction`` retries it and
+    marks its next attempts itself). See docs/horizon.md.
+
+    Not an :class:`OptimisticConcurrencyError`: code that takes that error to mean "the
+    stream already exists" and commits the rest of its work would lose the events.
     """
 
     def __init__(
@@ -76,18 +79,12 @@ class AppendOrderError(OptimisticConcurrencyError):
         bounded_context: str,
         aggregate_type: str,
         aggregate_id: str,
-        expected: object,
-        actual: int | None,
     ) -> None:
-        super().__init__(
-            message,
-            bounded_context=bounded_context,
-            aggregate_type=aggregate_type,
-            aggregate_id=aggregate_id,
-            expected=expected,
-            actual=actual,
-        )
+        super().__init__(message)
         self.events_table = events_table
+        self.bounded_context = bounded_context
+        self.aggregate_type = aggregate_type
+        self.aggregate_id = aggregate_id
 
 
 class ConfigurationError(EventSourceError, ValueError):

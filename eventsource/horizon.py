@@ -36,6 +36,7 @@ import time
 from typing import Literal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import OID
 
 from eventsource import models
 from eventsource.partition import fnv1a_32
@@ -77,8 +78,13 @@ def sequence_name(names: models.TableNames) -> str:
 
 
 def sequence_identifier(names: models.TableNames) -> str:
-    """The sequence's name as a quoted identifier (for ``CAST(:name AS regclass)``)."""
-    return _quote(sequence_name(names)).replace("%%", "%")
+    """The sequence's name as a quoted identifier (for ``to_regclass(:name)``)."""
+    return sequence_identifier_of(sequence_name(names))
+
+
+def sequence_identifier_of(name: str) -> str:
+    """A table's or sequence's name as a quoted identifier, as a bound value."""
+    return _quote(name).replace("%%", "%")
 
 
 def _quote(name: str) -> str:
@@ -119,12 +125,18 @@ def append_prefix(names: models.TableNames) -> str:
     # Through to_regclass, not the sequence's name: a store migrated only up to es0004
     # appends as before (nothing was published, P is 0) and its readers use the server
     # rule (StoreHorizon.get), so nothing depends on the order of upgrade and deploy.
-    published = f"pg_sequence_last_value(to_regclass('{_literal(_quote(sequence_name(names)))}'))"
+    # NULL (refused, then explained) only where the role may not read the sequence: a
+    # sequence never set (new, or reset by a crash) reads as 0.
+    seq = f"'{_literal(_quote(sequence_name(names)))}'"
+    published = (
+        f"CASE WHEN to_regclass({seq}) IS NULL THEN 0 ELSE COALESCE("
+        f"pg_sequence_last_value(to_regclass({seq})), "
+        f"CASE WHEN has_sequence_privilege({seq}, 'SELECT') THEN 0 END) END"
+    )
     return f"""WITH me AS MATERIALIZED (SELECT pg_current_xact_id() AS xid),
         ok AS MATERIALIZED (
             SELECT me.xid FROM me
-            WHERE (SELECT COALESCE({published}, 0) WHERE me.xid IS NOT NULL)
-                <= me.xid::text::bigint)"""
+            WHERE (SELECT {published} WHERE me.xid IS NOT NULL) <= me.xid::text::bigint)"""
 
 
 def order_state(names: models.TableNames) -> sa.TextClause:
@@ -139,7 +151,10 @@ def order_state(names: models.TableNames) -> sa.TextClause:
                 END AS ahead,
                 pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS next_id
             FROM (
-                SELECT COALESCE(pg_sequence_last_value(to_regclass(:seq)), 0) AS published
+                SELECT CASE WHEN to_regclass(:seq) IS NULL THEN 0 ELSE COALESCE(
+                    pg_sequence_last_value(to_regclass(:seq)),
+                    CASE WHEN has_sequence_privilege(:seq, 'SELECT') THEN 0 END) END
+                    AS published
             ) AS p"""
     ).bindparams(seq=sequence_identifier(names))
 
@@ -173,23 +188,9 @@ class StoreHorizon:
         space = publish_space(names.events)
         seq = _quote_text(sequence_name(names))
         regclass = seq.replace("'", "''")
-        xid = "transactionid::text::bigint"
-        # Each holder's own ids (a transaction holds ExclusiveLock on its id and its
-        # subtransactions'; prepared ones keep theirs, with no pid), grouped by the
-        # virtual transaction that holds the mark. One call of pg_lock_status(), which
-        # lists fast-path locks too.
-        self._marked = f"""
-            SELECT min(x8) FROM (
-                SELECT min({_full(xid, ":ref")}) FILTER (
-                        WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock') AS x8,
-                    bool_or({_writer_lock("", names.events)}) AS marked
-                FROM pg_locks
-                WHERE granted AND locktype IN ('relation', 'transactionid')
-                GROUP BY virtualtransaction
-            ) AS holders WHERE marked"""
-        # X is read by the statement's snapshot, taken before pg_locks is read.
+        # R1: X is read by the statement's snapshot, taken before pg_locks is read.
         self._first = sa.text(
-            f"""SELECT x, least(x, ({self._marked.replace(":ref", "x")})) AS h
+            f"""SELECT x, least(x, ({_marked_sql(names.events, "s.x")})) AS h
                 FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x) AS s"""
         )
         # The lock makes read-then-setval a maximum; the lateral read follows the lock.
@@ -199,7 +200,7 @@ class StoreHorizon:
                 FROM (SELECT pg_advisory_xact_lock({space}, {PUBLISH_LOCK_KEY})::text AS l) AS g,
                     LATERAL (SELECT last_value FROM {seq} WHERE g.l IS NOT NULL) AS s"""
         )
-        self._again = sa.text(f"SELECT ({self._marked})")
+        self._again = sa.text(f"SELECT ({_marked_sql(names.events, 'CAST(:ref AS bigint)')})")
         self._lock = threading.Lock()
         self._value: int | None = None
         self._at = 0.0
@@ -208,14 +209,22 @@ class StoreHorizon:
         self.computations = 0
         """How many times the horizon was computed (for tests and benchmarks)."""
 
-    def get(self, engine: sa.Engine, max_age: float) -> int | None:
+    def get(self, engine: sa.Engine, max_age: float, next_id: int | None = None) -> int | None:
         """The horizon, at most ``max_age`` seconds old; None where the store rule
-        cannot be used (logged once, with the reason: the server rule applies)."""
+        cannot be used (logged once, with the reason: the server rule applies).
+
+        ``next_id``: the caller's snapshot ``xmax``; a cached horizon above it was not
+        computed on this server's current ids (see :func:`store_identity`).
+        """
         asked = time.monotonic()
         with self._lock:
             # A computation that started after this call (another thread's, while this
             # one waited for the lock) is as fresh as one of its own.
-            if self._value is not None and self._at >= asked - max_age:
+            if (
+                self._value is not None
+                and self._at >= asked - max_age
+                and (next_id is None or self._value <= next_id)
+            ):
                 return self._value
             now = time.monotonic()
             if now < self._unavailable_until:
@@ -260,6 +269,33 @@ class StoreHorizon:
         return int(candidate) if marked is None else min(int(candidate), int(marked))
 
 
+def _marked_sql(events_table: str, ref: str) -> str:
+    """SQL: the smallest id among the store's marked transactions (NULL: none), widened
+    to 64 bits against ``ref``.
+
+    Each holder's own ids (a transaction holds ExclusiveLock on its id and on its
+    subtransactions'; a prepared one keeps them, with no pid) grouped by the virtual
+    transaction that holds the mark: one call of pg_lock_status(), which lists
+    fast-path locks too. Prepared transactions of this database count whatever locks
+    they show: PREPARE moves a transaction's locks one partition at a time, so a
+    reader could see its mark and its id under different virtual transactions.
+    """
+    xid = "transactionid::text::bigint"
+    prepared = "transaction::text::bigint"
+    return f"""
+            SELECT min(x8) FROM (
+                SELECT min({_full(xid, ref)}) FILTER (
+                        WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock') AS x8,
+                    bool_or({_writer_lock("", events_table)}) AS marked
+                FROM pg_locks
+                WHERE granted AND locktype IN ('relation', 'transactionid')
+                GROUP BY virtualtransaction
+                UNION ALL
+                SELECT {_full(prepared, ref)}, true FROM pg_prepared_xacts
+                WHERE database = current_database()
+            ) AS holders WHERE marked"""
+
+
 def writers_sql(events_table: str) -> str:
     """SQL: (pid, 32-bit id) of the transactions marked as writers of the store that
     have an id (pid NULL: prepared), for reports."""
@@ -270,13 +306,31 @@ def writers_sql(events_table: str) -> str:
             AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' AND t.granted"""
 
 
-_registry: dict[tuple[str, str], StoreHorizon] = {}
+def store_identity(names: models.TableNames) -> sa.ColumnElement[str]:
+    """SQL: which store a connection reaches (the events table its search_path finds:
+    two engines on one URL may reach two stores) in which server lifetime (a horizon
+    computed before a crash or a failover may be above ids handed out again since)."""
+    table = sa.cast(sa.func.to_regclass(sa.literal(sequence_identifier_of(names.events))), OID)
+    return sa.func.concat(
+        sa.cast(table, sa.Text), "@", sa.cast(sa.func.pg_postmaster_start_time(), sa.Text)
+    )
+
+
+def identity_of(connection: sa.Connection, names: models.TableNames) -> str:
+    """:func:`store_identity` read on ``connection`` (for tests and tools)."""
+    return str(connection.execute(sa.select(store_identity(names))).scalar_one())
+
+
+_registry: dict[tuple[str, str, str | None], StoreHorizon] = {}
 _registry_lock = threading.Lock()
 
 
-def for_store(engine: sa.Engine, names: models.TableNames) -> StoreHorizon:
-    """The process's one :class:`StoreHorizon` for this database and events table."""
-    key = (engine.url.render_as_string(hide_password=False), names.events)
+def for_store(
+    engine: sa.Engine, names: models.TableNames, identity: str | None = None
+) -> StoreHorizon:
+    """The process's one :class:`StoreHorizon` for this database, events table and
+    ``identity`` (:func:`store_identity`, read with a batch's checkpoint)."""
+    key = (engine.url.render_as_string(hide_password=False), names.events, identity)
     with _registry_lock:
         found = _registry.get(key)
         if found is None or found.names != names:

@@ -690,9 +690,16 @@ class Processor:
         the server rule's bound (read for free with the checkpoint) and the rule is on."""
         if self.config.horizon != "store" or not checkpoint.waits_above_server_bound:
             return checkpoint
+        if not checkpoint.read_committed:
+            # A caller's REPEATABLE READ or SERIALIZABLE transaction reads with a snapshot
+            # taken before the horizon was computed: a writer that ended in between has
+            # rows it cannot see, below the horizon. The server rule's bound is safe.
+            return checkpoint
         engine = self.engine if self.engine is not None else session.connection().engine
-        found = horizon.for_store(engine, self.store.tables.names).get(
-            engine, max_age=self._horizon_max_age
+        assert checkpoint.store_identity is not None
+        assert checkpoint.next_id is not None
+        found = horizon.for_store(engine, self.store.tables.names, checkpoint.store_identity).get(
+            engine, max_age=self._horizon_max_age, next_id=checkpoint.next_id
         )
         assert checkpoint.xmin is not None
         bound = horizon.combine(checkpoint.xmin, found, checkpoint.own_transaction)
@@ -981,6 +988,12 @@ class _Checkpoint:
     own_transaction: int | None = None
     newest_transaction_id: int | None = None
     """The highest transaction id of the events this transaction sees."""
+    next_id: int | None = None
+    """The snapshot's ``xmax`` (at least the caller's own id + 1)."""
+    store_identity: str | None = None
+    """The events table and the server's lifetime (see horizon.store_identity)."""
+    read_committed: bool = False
+    """The batch's statements each take a fresh snapshot (see _with_store_horizon)."""
 
     @property
     def held_back_by(self) -> int | None:
@@ -1333,6 +1346,14 @@ class _Queries:
             # server's counter has passed it (see eventsource.cluster).
             written_by = sa.column("xmin", sa.Text, _selectable=ck)
             checkpoint_columns.append(sa.cast(written_by, sa.Text))
+            # For the store's horizon (horizon.py): which store this is (the events
+            # table this connection's search_path finds), which server lifetime (a
+            # horizon cached across a crash or a failover is thrown away), and whether
+            # the batch's statements each take a fresh snapshot (READ COMMITTED).
+            checkpoint_columns.append(horizon.store_identity(tables.names))
+            checkpoint_columns.append(
+                sa.func.current_setting("transaction_isolation") == "read committed"
+            )
         self._read_checkpoint = sa.select(*checkpoint_columns).where(key)
         # Where a worker stepping aside for a rebuild stands (an idle poll's result).
         self._peek_checkpoint = sa.select(ck.c.transaction_id, ck.c.global_position).where(key)
@@ -1436,7 +1457,16 @@ class _Queries:
                 cluster.ahead_message(f"the stored ids read by projection {name!r}", next_id)
             )
         newest = int(row[6]) if row[6] is not None else None
-        return _Checkpoint(int(row[1]), int(row[2]), int(row[3]), own, newest)
+        return _Checkpoint(
+            int(row[1]),
+            int(row[2]),
+            int(row[3]),
+            own,
+            newest,
+            next_id=next_id,
+            store_identity=str(row[8]),
+            read_committed=bool(row[9]),
+        )
 
 
 def _full_transaction_id(xid32: int, next_id: int) -> int:

@@ -58,7 +58,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from eventsource import database, errors
+from eventsource import database, errors, retry
 from eventsource.processor import (
     BatchResult,
     Processor,
@@ -245,9 +245,22 @@ def rebuild(
     database.require_configured(engine, what="rebuild")
     tracker = _Tracker(projection.checkpoint_name, on_progress)
     if atomic:
-        return _rebuild_atomic(
-            engine, projection, store, batch_size, total_partitions, keep_read_model, wait, tracker
+        args = (engine, projection, store, batch_size, total_partitions, keep_read_model, wait)
+        try:
+            return _rebuild_atomic(*args, tracker, mark_first=False)
+        except errors.ProjectionError as exc:
+            if retry.append_order_error(exc) is None:
+                raise
+        # Its handlers write, then append, and a reader passed the transaction's id
+        # (docs/horizon.md): again, marked as the store's writer from the start. Other
+        # projections then wait for it, as for any writer, until it commits.
+        logger.info(
+            "rebuild %s (atomic): its handlers append after other writes; running it "
+            "again as a writer of the store from its start",
+            projection.checkpoint_name,
         )
+        tracker = _Tracker(projection.checkpoint_name, on_progress)
+        return _rebuild_atomic(*args, tracker, mark_first=True)
     name = projection.checkpoint_name
     with _rebuild_lock(engine, name, store, wait):
         with Session(read_committed(engine)) as session, session.begin():
@@ -305,9 +318,13 @@ def _rebuild_atomic(
     keep_read_model: bool,
     wait: float | None,
     tracker: _Tracker,
+    *,
+    mark_first: bool,
 ) -> RebuildProgress:
     with read_committed(engine).connect() as connection, connection.begin():
         require_schema(connection, store)
+        if mark_first:
+            store.mark_writer(connection)
         sessions = sessionmaker(
             bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
         )

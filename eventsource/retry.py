@@ -56,7 +56,7 @@ def is_transient(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, errors.OptimisticConcurrencyError):
+        if isinstance(current, errors.OptimisticConcurrencyError | errors.AppendOrderError):
             return True
         if isinstance(current, errors.EventSourceError) and not isinstance(
             current, errors.ProjectionError
@@ -113,7 +113,7 @@ def is_conflict(exc: BaseException) -> bool:
     stream that exists), so the processor retries it only a few times."""
     current: BaseException | None = exc
     while current is not None:
-        if isinstance(current, errors.OptimisticConcurrencyError):
+        if isinstance(current, errors.OptimisticConcurrencyError | errors.AppendOrderError):
             return True
         current = current.__cause__
     return False
@@ -142,8 +142,8 @@ def describe(exc: BaseException) -> str:
         sqlstate = getattr(orig, "sqlstate", None)
         if isinstance(sqlstate, str) and orig is not None:
             return f"{type(orig).__name__} ({sqlstate})"
-        if isinstance(current, errors.OptimisticConcurrencyError):
-            return "OptimisticConcurrencyError"
+        if isinstance(current, errors.OptimisticConcurrencyError | errors.AppendOrderError):
+            return type(current).__name__
         if current.__cause__ is None:
             return type(orig if orig is not None else current).__name__
         current = current.__cause__

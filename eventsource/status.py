@@ -413,14 +413,15 @@ _BLOCKERS = sa.text(_BLOCKERS_SQL).columns(started_at=UtcDateTime())
 
 
 def _store_blockers(store: EventStore) -> sa.TextualSelect:
-    """_BLOCKERS, but only the transactions that hold the store's writer mark."""
+    """_BLOCKERS, but only the sessions that hold the store's writer mark, and the
+    prepared transactions of this database (which the store rule counts, writers or
+    not: see eventsource.horizon)."""
     writers = store_horizon.writers_sql(store.tables.names.events)
     sessions, prepared = _BLOCKERS_SQL.split("UNION ALL")
     return sa.text(
         f"""{sessions} AND pid IN (SELECT pid FROM ({writers}) AS w WHERE pid IS NOT NULL)
         UNION ALL {prepared}
-        WHERE transaction IN (
-            SELECT transactionid FROM ({writers}) AS w WHERE pid IS NULL)"""
+        WHERE database = current_database()"""
     ).columns(started_at=UtcDateTime())
 
 

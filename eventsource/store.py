@@ -298,6 +298,12 @@ class EventStore:
         self, conn: sa.Connection, batch: _Batch, expected: ExpectedVersion
     ) -> errors.EventSourceError:
         order = conn.execute(self._pg.order_state).one()
+        if order.published is None:
+            return errors.ConfigurationError(
+                f"{_describe(batch)}: this database role may not read the store's published "
+                f"reading horizon, so appends cannot be checked (docs/horizon.md): GRANT "
+                f"SELECT ON SEQUENCE {horizon.sequence_identifier(self.tables.names)} to it"
+            )
         if order.ahead:
             # A horizon published on another cluster (a restore): see eventsource.cluster.
             return errors.TransactionIdsAheadError(
@@ -319,8 +325,6 @@ class EventStore:
                 bounded_context=batch.bounded_context,
                 aggregate_type=batch.aggregate_type,
                 aggregate_id=batch.aggregate_id,
-                expected=expected,
-                actual=None,
             )
         row = conn.execute(
             self._pg.head_state,
