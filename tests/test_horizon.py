@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -713,3 +714,61 @@ def test_an_atomic_rebuild_of_a_reactor_runs_again_as_a_writer(
             "SELECT count(*) FROM events WHERE aggregate_type = 'Shipment'"
         ).scalar_one()
     assert shipments == 2  # the refused attempt's reactions were rolled back with it
+
+
+@pytest.fixture
+def limited_role(pg_engine: sa.Engine) -> Iterator[str]:
+    """A login role with every right on the store but those on the horizon sequence."""
+    role = f"es_limited_{uuid.uuid4().hex[:8]}"
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        conn.exec_driver_sql(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        conn.exec_driver_sql(f"REVOKE ALL ON SEQUENCE events_horizon FROM {role}")
+    try:
+        yield role
+    finally:
+        with pg_engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+
+
+def test_a_writer_that_may_not_read_the_horizon_is_refused_not_let_through(
+    pg_engine: sa.Engine, store: es.EventStore, limited_role: str
+) -> None:
+    limited = es.create_engine(pg_engine.url.set(username=limited_role), poolclass=sa.NullPool)
+    try:
+        with pytest.raises(
+            (es.ConfigurationError, sa.exc.ProgrammingError), match="events_horizon"
+        ):
+            commit(limited, store, event("A"))
+    finally:
+        limited.dispose()
+    with pg_engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM events").scalar_one() == 0
+
+
+def test_a_reader_that_may_not_publish_falls_back_to_the_server_rule(
+    pg_engine: sa.Engine,
+    store: es.EventStore,
+    limited_role: str,
+    other_database: sa.Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    create_applied_table(pg_engine)
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(f"GRANT SELECT ON SEQUENCE events_horizon TO {limited_role}")
+        conn.exec_driver_sql(f"GRANT ALL ON applied TO {limited_role}")
+    limited = es.create_engine(pg_engine.url.set(username=limited_role), poolclass=sa.NullPool)
+    try:
+        with open_transaction(other_database) as foreign:
+            take_id_by_writing(foreign)
+            positions = commit(limited, store, event("A"))  # it may append (and read P)
+            with caplog.at_level(logging.WARNING, logger="eventsource.horizon"):
+                assert processor(limited, store).process_batch(LogA()).handled == 0
+            assert "permission denied" in caplog.text
+            assert "the server rule" in caplog.text
+        processor(limited, store).run_until_caught_up(LogA())
+        assert handled_positions(pg_engine, "log_a") == positions
+    finally:
+        limited.dispose()
