@@ -6,19 +6,21 @@ server rule takes ``pg_snapshot_xmin(pg_current_snapshot())``: every transaction
 holds an id anywhere on the server counts, in any database, whether it appends or not.
 The store rule (this module, the default) counts only this store's writers:
 
-- Every append marks its transaction first: the append statement holds the events
-  table's ``ROW EXCLUSIVE`` lock from its start, as every INSERT does (a fast-path
-  lock: no cost of its own), to the end of the transaction. ``mark_statement`` takes
-  the same lock up front; processors do that before their batch takes an id when their
-  projection appends events (learnt from the first refusal).
+- Every writer marks itself: an insert holds the events table's ``ROW EXCLUSIVE``
+  lock from the start of its statement (a fast-path lock: no cost of its own) to the end
+  of the transaction. ``mark_statement`` takes the same lock up front; processors do
+  that before their batch takes an id when their projection appends events (learnt
+  from the first refusal).
 - A reader takes a snapshot's ``xmax`` X, finds the marked transactions and their ids
-  in ``pg_locks``, publishes that candidate H in the store's horizon sequence (a
-  non-transactional max), then looks at the marks again: the horizon is the smallest
-  id among marked transactions, or H.
-- A transaction that took its id before its first mark (it wrote another table first)
-  reads the published value after marking and is refused
-  (:class:`~eventsource.errors.AppendOrderError`, retryable) when a reader may have
-  read past its id. :meth:`EventStore.mark_writer` at the start of such a transaction
+  in ``pg_locks``, publishes that candidate in the store's horizon sequence (a
+  non-transactional maximum), then looks at the marks again: the horizon is the
+  smallest id among marked transactions, or the candidate.
+- The trigger ``<events>_horizon_check`` (migration es0005) runs for every insert
+  statement into the events table: after the statement's lock, it takes the
+  transaction's id, then reads the published value, and refuses the insert when that
+  is above the id (the transaction took its id before it marked itself: it wrote
+  another table first): :class:`~eventsource.errors.AppendOrderError`, retryable.
+  :meth:`EventStore.mark_writer` at the start of such a transaction
   (``run_in_transaction`` does it on a retry) avoids the refusal.
 
 ``docs/horizon.md`` gives the argument and each case: subtransactions, prepared
@@ -38,7 +40,7 @@ from typing import Literal
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import OID
 
-from eventsource import models
+from eventsource import errors, models
 from eventsource.partition import fnv1a_32
 
 logger = logging.getLogger("eventsource.horizon")
@@ -111,52 +113,118 @@ def mark_statement(events_table: str) -> sa.TextClause:
     return sa.text(f"LOCK TABLE {_quote_text(events_table)} IN ROW EXCLUSIVE MODE")
 
 
-def append_prefix(names: models.TableNames) -> str:
-    """The CTEs an append statement starts with, in driver (``%``) placeholder style.
+#: SQLSTATEs the store's insert trigger raises (``<events>_horizon_check``).
+REFUSED_SQLSTATE = "ES001"
+"""The inserting transaction took its id before it marked itself, and a reader may
+have read past that id (see :class:`~eventsource.errors.AppendOrderError`)."""
+AHEAD_SQLSTATE = "ES002"
+"""The published horizon is ahead of this server's ids: it came with a restore."""
 
-    The statement holds the events table's ROW EXCLUSIVE lock (the mark) before it runs
-    at all: PostgreSQL takes the locks of every table a statement names before it
-    executes it. Then, in this order, which the data dependency between the CTEs
-    enforces: take the transaction id (assigning one if needed), then read the
-    published horizon. ``ok`` yields the id, or no row when a reader may already have
-    read past it (the transaction took its id before it marked itself); the head
-    statement then writes nothing.
-    """
-    # Through to_regclass, not the sequence's name: a store migrated only up to es0004
-    # appends as before (nothing was published, P is 0) and its readers use the server
-    # rule (StoreHorizon.get), so nothing depends on the order of upgrade and deploy.
-    # NULL (refused, then explained) only where the role may not read the sequence: a
-    # sequence never set (new, or reset by a crash) reads as 0.
-    seq = f"'{_literal(_quote(sequence_name(names)))}'"
-    published = (
-        f"CASE WHEN to_regclass({seq}) IS NULL THEN 0 ELSE COALESCE("
-        f"pg_sequence_last_value(to_regclass({seq})), "
-        f"CASE WHEN has_sequence_privilege({seq}, 'SELECT') THEN 0 END) END"
+
+def check_function_name(names: models.TableNames) -> str:
+    return f"{names.events}_horizon_check"
+
+
+def publish_function_name(names: models.TableNames) -> str:
+    return f"{names.events}_horizon_publish"
+
+
+def schema_ddl(names: models.TableNames, schema: str, unlogged: bool) -> list[str]:
+    """The statements of migration es0005, for ``sa.text`` (``schema``: the events
+    table's). The check is a statement-level trigger, so every insert into the events
+    table is checked, whatever wrote it (an older version of this library, COPY, a
+    hand-written INSERT). Both functions run as their owner (SECURITY DEFINER, with a
+    fixed search_path), so application roles need no right on the sequence."""
+    q = _quote_text
+    seq = f"{q(schema)}.{q(sequence_name(names))}"
+    check = f"{q(schema)}.{q(check_function_name(names))}"
+    publish = f"{q(schema)}.{q(publish_function_name(names))}"
+    events = f"{q(schema)}.{q(names.events)}"
+    table = _literal(names.events)
+    return [
+        f"CREATE {'UNLOGGED ' if unlogged else ''}SEQUENCE {seq} AS bigint MINVALUE 0 START WITH 0",
+        f"""CREATE FUNCTION {check}() RETURNS trigger LANGUAGE plpgsql
+            SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+            DECLARE
+                own bigint;
+                published bigint;
+            BEGIN
+                -- In this order: the insert already holds the table's lock (the mark),
+                -- then the transaction's id (assigned here if need be), then P.
+                own := pg_current_xact_id()::text::bigint;
+                SELECT last_value INTO published FROM {seq};
+                IF published > own THEN
+                    IF current_setting('transaction_isolation') = 'read committed' AND
+                        published > pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+                    THEN
+                        RAISE EXCEPTION USING ERRCODE = '{AHEAD_SQLSTATE}', MESSAGE = format(
+                            'the published reading horizon of %s (%s) is ahead of this '
+                            'server''s transaction ids', '{table}', published);
+                    END IF;
+                    RAISE EXCEPTION USING ERRCODE = '{REFUSED_SQLSTATE}', MESSAGE = format(
+                        'transaction %s wrote before it appended to %s, and a projection '
+                        'may already read past it (up to %s)', own, '{table}', published);
+                END IF;
+                RETURN NULL;
+            END $fn$""",
+        f"""CREATE TRIGGER {q(check_function_name(names))} BEFORE INSERT ON {events}
+            FOR EACH STATEMENT EXECUTE FUNCTION {check}()""",
+        f"""CREATE FUNCTION {publish}(candidate bigint) RETURNS bigint LANGUAGE plpgsql
+            SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+            DECLARE
+                current_value bigint;
+            BEGIN
+                -- The lock makes read-then-setval a maximum among concurrent readers.
+                PERFORM pg_advisory_xact_lock({publish_space(names.events)}, {PUBLISH_LOCK_KEY});
+                SELECT last_value INTO current_value FROM {seq};
+                IF current_value >= candidate THEN
+                    RETURN current_value;
+                END IF;
+                PERFORM setval('{_literal(seq)}'::regclass, candidate);
+                RETURN candidate;
+            END $fn$""",
+    ]
+
+
+def drop_ddl(names: models.TableNames, schema: str) -> list[str]:
+    q = _quote_text
+    return [
+        f"DROP TRIGGER {q(check_function_name(names))} ON {q(schema)}.{q(names.events)}",
+        f"DROP FUNCTION {q(schema)}.{q(check_function_name(names))}()",
+        f"DROP FUNCTION {q(schema)}.{q(publish_function_name(names))}(bigint)",
+        f"DROP SEQUENCE {q(schema)}.{q(sequence_name(names))}",
+    ]
+
+
+def refusal(
+    exc: sa.exc.DBAPIError,
+    bounded_context: str,
+    aggregate_type: str,
+    aggregate_id: str,
+    events_table: str,
+) -> errors.EventSourceError | None:
+    """The typed error for an insert the store's trigger refused, else None."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    described = f"{bounded_context}/{aggregate_type}/{aggregate_id}"
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else ""
+    if sqlstate == AHEAD_SQLSTATE:
+        return errors.TransactionIdsAheadError(
+            f"{described}: {reason}: the database was restored or moved from another "
+            "cluster; stop the projections and run `eventsource db rebase` "
+            "(eventsource.cluster.rebase(engine) in Python)"
+        )
+    if sqlstate != REFUSED_SQLSTATE:
+        return None
+    return errors.AppendOrderError(
+        f"{described}: {reason}: its events would be skipped, so nothing was written (the "
+        "transaction is aborted). Roll back and retry in a new transaction; call "
+        "EventStore.mark_writer(session) first in transactions that write before they "
+        "append (run_in_transaction does so when it retries). See docs/horizon.md",
+        events_table=events_table,
+        bounded_context=bounded_context,
+        aggregate_type=aggregate_type,
+        aggregate_id=aggregate_id,
     )
-    return f"""WITH me AS MATERIALIZED (SELECT pg_current_xact_id() AS xid),
-        ok AS MATERIALIZED (
-            SELECT me.xid FROM me
-            WHERE (SELECT {published} WHERE me.xid IS NOT NULL) <= me.xid::text::bigint)"""
-
-
-def order_state(names: models.TableNames) -> sa.TextClause:
-    """After a refused append: the published horizon against this transaction's id, and
-    whether it is ahead of the server's ids (it came with a restore). Readers publish a
-    snapshot's ``xmax``, which never exceeds a later snapshot's: a fresh one is taken
-    per statement at READ COMMITTED only, so ``ahead`` is NULL at other levels."""
-    return sa.text(
-        """SELECT p.published, pg_current_xact_id()::text::bigint AS own,
-                CASE WHEN current_setting('transaction_isolation') = 'read committed'
-                    THEN p.published > pg_snapshot_xmax(pg_current_snapshot())::text::bigint
-                END AS ahead,
-                pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS next_id
-            FROM (
-                SELECT CASE WHEN to_regclass(:seq) IS NULL THEN 0 ELSE COALESCE(
-                    pg_sequence_last_value(to_regclass(:seq)),
-                    CASE WHEN has_sequence_privilege(:seq, 'SELECT') THEN 0 END) END
-                    AS published
-            ) AS p"""
-    ).bindparams(seq=sequence_identifier(names))
 
 
 def _full(xid32: str, ref: str) -> str:
@@ -185,21 +253,13 @@ class StoreHorizon:
 
     def __init__(self, names: models.TableNames) -> None:
         self.names = names
-        space = publish_space(names.events)
-        seq = _quote_text(sequence_name(names))
-        regclass = seq.replace("'", "''")
         # R1: X is read by the statement's snapshot, taken before pg_locks is read.
         self._first = sa.text(
             f"""SELECT x, least(x, ({_marked_sql(names.events, "s.x")})) AS h
                 FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x) AS s"""
         )
-        # The lock makes read-then-setval a maximum; the lateral read follows the lock.
-        self._publish = sa.text(
-            f"""SELECT CASE WHEN s.last_value < :h THEN setval('{regclass}', :h)
-                    ELSE s.last_value END
-                FROM (SELECT pg_advisory_xact_lock({space}, {PUBLISH_LOCK_KEY})::text AS l) AS g,
-                    LATERAL (SELECT last_value FROM {seq} WHERE g.l IS NOT NULL) AS s"""
-        )
+        # R2, through the migration's function (it holds the rights on the sequence).
+        self._publish = sa.text(f"SELECT {_quote_text(publish_function_name(names))}(:h)")
         self._again = sa.text(f"SELECT ({_marked_sql(names.events, 'CAST(:ref AS bigint)')})")
         self._lock = threading.Lock()
         self._value: int | None = None
@@ -252,6 +312,15 @@ class StoreHorizon:
                 self.unavailable_reason = None
             self._value, self._at = value, now
             return value
+
+    def available(self, connection: sa.Connection) -> bool:
+        """Whether the schema has what the store rule needs (migration es0005)."""
+        signature = f"{sequence_identifier_of(publish_function_name(self.names))}(bigint)"
+        return bool(
+            connection.execute(
+                sa.text("SELECT to_regprocedure(:sig) IS NOT NULL"), {"sig": signature}
+            ).scalar()
+        )
 
     def peek(self, connection: sa.Connection) -> int:
         """The horizon a reader would compute now, without publishing it: for reports

@@ -205,6 +205,8 @@ class TableNames:
             ("events", f"ix_{events}_read_order"),
             ("events", f"{VERSION_TABLE}_{events}"),
             ("events", f"{events}_horizon"),
+            ("events", f"{events}_horizon_check"),
+            ("events", f"{events}_horizon_publish"),
             ("aggregate_heads", self.aggregate_heads),
             ("aggregate_heads", f"pk_{self.aggregate_heads}"),
             ("projection_checkpoints", self.projection_checkpoints),

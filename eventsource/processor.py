@@ -56,8 +56,9 @@ DEFAULT_BLOCKED_WARNING_AFTER = 30.0
 
 #: What holds projections back under each horizon rule, for people (logs, status).
 HELD_BACK_BY: dict[str, str] = {
-    "store": "A writer of the store (a transaction that appended) held open delays every "
-    "projection of the store; nothing is lost, the events are read once it ends.",
+    "store": "A writer of the store (a transaction that appended, or marked itself) held "
+    "open delays every projection of the store; nothing is lost, the events are read "
+    "once it ends.",
     "server": "A transaction held open anywhere on the server, in any database, delays "
     "every projection; nothing is lost, the events are read once it ends.",
 }

@@ -287,7 +287,10 @@ def _bound(conn: sa.Connection, store: EventStore, server: int, rule: HorizonRul
     """The id below which processors under ``rule`` read now (from the server's bound)."""
     if rule == "server":
         return server
-    return max(server, store_horizon.for_store(conn.engine, store.tables.names).peek(conn))
+    shared = store_horizon.for_store(conn.engine, store.tables.names)
+    if not shared.available(conn):  # processors fall back to the server rule too
+        return server
+    return max(server, shared.peek(conn))
 
 
 def _not_own(ev: sa.Table) -> sa.ColumnElement[bool]:

@@ -183,6 +183,15 @@ class EventStore:
             else:
                 stored = self._append_generic(conn, batch, expected_version)
         except sa.exc.DBAPIError as exc:  # not on the way of a successful append
+            refused = horizon.refusal(
+                exc,
+                batch.bounded_context,
+                batch.aggregate_type,
+                batch.aggregate_id,
+                self.tables.names.events,
+            )
+            if refused is not None:
+                raise refused from exc
             database.raise_if_schema_missing(exc, self.tables.names, own_statement=True)
             raise
         return AppendResult(tuple(_persisted(batch, stored)))
@@ -297,35 +306,6 @@ class EventStore:
     def _conflict(
         self, conn: sa.Connection, batch: _Batch, expected: ExpectedVersion
     ) -> errors.EventSourceError:
-        order = conn.execute(self._pg.order_state).one()
-        if order.published is None:
-            return errors.ConfigurationError(
-                f"{_describe(batch)}: this database role may not read the store's published "
-                f"reading horizon, so appends cannot be checked (docs/horizon.md): GRANT "
-                f"SELECT ON SEQUENCE {horizon.sequence_identifier(self.tables.names)} to it"
-            )
-        if order.ahead:
-            # A horizon published on another cluster (a restore): see eventsource.cluster.
-            return errors.TransactionIdsAheadError(
-                cluster.ahead_message(
-                    f"{_describe(batch)}: the store's published reading horizon "
-                    f"({order.published})",
-                    int(order.next_id),
-                )
-            )
-        if int(order.published) > int(order.own):
-            return errors.AppendOrderError(
-                f"{_describe(batch)}: this transaction (id {order.own}) took its id before "
-                "its first append (it wrote something else first), and a projection may "
-                f"already read past that id (up to {order.published}): its events would "
-                "be skipped, so nothing was written. Roll back and retry in a new "
-                "transaction; call EventStore.mark_writer(session) first in transactions "
-                "that write before they append (run_in_transaction does so when it retries)",
-                events_table=self.tables.names.events,
-                bounded_context=batch.bounded_context,
-                aggregate_type=batch.aggregate_type,
-                aggregate_id=batch.aggregate_id,
-            )
         row = conn.execute(
             self._pg.head_state,
             {"bc": batch.bounded_context, "at": batch.aggregate_type, "aid": batch.aggregate_id},
@@ -470,30 +450,27 @@ class _PostgresStatements:
         heads = prep(tables.names.aggregate_heads)
         events = prep(tables.names.events)
         # Invariant 3: a transaction older than the aggregate's last writer may not append.
-        # Every head statement reads the transaction id from `ok` (horizon.append_prefix):
-        # no row there (a reader may have read past this transaction) writes nothing.
+        not_older = "h.transaction_id <= pg_current_xact_id()"
         head_sql = {
             "any": f"""
                 INSERT INTO {heads} AS h
                     (bounded_context, aggregate_type, aggregate_id, version, transaction_id)
-                SELECT %(bc)s, %(at)s, %(aid)s, %(n)s, ok.xid FROM ok
+                VALUES (%(bc)s, %(at)s, %(aid)s, %(n)s, pg_current_xact_id())
                 ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE
-                    SET version = h.version + %(n)s, transaction_id = EXCLUDED.transaction_id
-                    WHERE h.transaction_id <= EXCLUDED.transaction_id
+                    SET version = h.version + %(n)s, transaction_id = pg_current_xact_id()
+                    WHERE {not_older}
                 RETURNING h.version""",
             "no_stream": f"""
                 INSERT INTO {heads}
                     (bounded_context, aggregate_type, aggregate_id, version, transaction_id)
-                SELECT %(bc)s, %(at)s, %(aid)s, %(n)s, ok.xid FROM ok
+                VALUES (%(bc)s, %(at)s, %(aid)s, %(n)s, pg_current_xact_id())
                 ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO NOTHING
                 RETURNING version""",
             "exact": f"""
                 UPDATE {heads} AS h
-                SET version = h.version + %(n)s, transaction_id = ok.xid
-                FROM ok
+                SET version = h.version + %(n)s, transaction_id = pg_current_xact_id()
                 WHERE h.bounded_context = %(bc)s AND h.aggregate_type = %(at)s
-                    AND h.aggregate_id = %(aid)s AND h.version = %(expected)s
-                    AND h.transaction_id <= ok.xid
+                    AND h.aggregate_id = %(aid)s AND h.version = %(expected)s AND {not_older}
                 RETURNING h.version""",
         }
         insert = f"""
@@ -516,9 +493,8 @@ class _PostgresStatements:
                 a timestamptz)) WITH ORDINALITY AS e(i, t, v, p, m, c, r, x, a, ord)
             ORDER BY e.ord
             RETURNING global_position, aggregate_version"""
-        prefix = horizon.append_prefix(tables.names)
         self.append = {
-            (kind, single): f"{prefix}, head AS ({sql}) {one if single else many}"
+            (kind, single): f"WITH head AS ({sql}) {one if single else many}"
             for kind, sql in head_sql.items()
             for single in (True, False)
         }
@@ -530,7 +506,6 @@ class _PostgresStatements:
                 FROM {heads.replace("%%", "%")}
                 WHERE bounded_context = :bc AND aggregate_type = :at AND aggregate_id = :aid"""
         )
-        self.order_state = horizon.order_state(tables.names)
 
     @staticmethod
     def params(batch: _Batch, expected: ExpectedVersion) -> dict[str, Any]:

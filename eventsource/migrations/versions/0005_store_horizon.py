@@ -1,21 +1,26 @@
-"""Store horizon: the sequence readers publish their reading horizon in.
+"""Store horizon: the sequence readers publish their reading horizon in, and the check.
 
 Revision ID: es0005
 Revises: es0004
 Create Date: 2026-12-06
 
-PostgreSQL only (SQLite serialises writers and needs no horizon). One sequence,
-``<events>_horizon``, holding the highest horizon a projection reader has published;
-event writers compare their transaction id with it (see :mod:`eventsource.horizon` and
-docs/horizon.md). Unlogged where the server has unlogged sequences (PostgreSQL 15 and
-later): publishing then writes no WAL and takes no transaction id, and losing the value
-in a crash is harmless, since every transaction it protected died with the crash.
+PostgreSQL only (SQLite serialises writers and needs no horizon); see
+:mod:`eventsource.horizon` and docs/horizon.md. ``<events>_horizon`` holds the highest
+horizon a projection reader published, through ``<events>_horizon_publish(bigint)``;
+the statement-level trigger ``<events>_horizon_check`` refuses an insert from a
+transaction that took its id before it marked itself as a writer, once a reader may
+have read past that id, whatever does the insert (so writers on an older version of
+the library are checked from this revision on). The sequence is unlogged where the
+server has unlogged sequences (PostgreSQL 15 and later): publishing then writes no WAL
+and takes no transaction id, and losing the value in a crash is harmless, since every
+transaction it protected died with the crash.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 from eventsource import horizon
@@ -27,17 +32,31 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+def _events_schema(bind: sa.Connection) -> str:
+    identifier = horizon.sequence_identifier_of(table_names().events)
+    return str(
+        bind.execute(
+            sa.text(
+                "SELECT n.nspname FROM pg_class AS c JOIN pg_namespace AS n "
+                "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(:t)"
+            ),
+            {"t": identifier},
+        ).scalar_one()
+    )
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    name = horizon.sequence_identifier(table_names())
-    unlogged = "UNLOGGED " if (bind.dialect.server_version_info or (0,)) >= (15,) else ""
-    op.execute(f"CREATE {unlogged}SEQUENCE {name} AS bigint MINVALUE 0 START WITH 0")
+    unlogged = (bind.dialect.server_version_info or (0,)) >= (15,)
+    for statement in horizon.schema_ddl(table_names(), _events_schema(bind), unlogged):
+        op.execute(sa.text(statement))
 
 
 def downgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    op.execute(f"DROP SEQUENCE {horizon.sequence_identifier(table_names())}")
+    for statement in horizon.drop_ddl(table_names(), _events_schema(bind)):
+        op.execute(sa.text(statement))
