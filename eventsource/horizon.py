@@ -174,6 +174,10 @@ def schema_ddl(names: models.TableNames, schema: str, unlogged: bool) -> list[st
             DECLARE
                 current_value bigint;
             BEGIN
+                -- Never above this server's ids (a reader's candidate never is): whoever
+                -- may call this cannot make every append look restored.
+                candidate := least(
+                    candidate, pg_snapshot_xmax(pg_current_snapshot())::text::bigint);
                 -- The lock makes read-then-setval a maximum among concurrent readers.
                 PERFORM pg_advisory_xact_lock({publish_space(names.events)}, {PUBLISH_LOCK_KEY});
                 SELECT last_value INTO current_value FROM {seq};

@@ -784,3 +784,14 @@ def test_an_insert_that_bypasses_the_store_is_checked_too(
         assert getattr(refused.value.orig, "sqlstate", None) == horizon.REFUSED_SQLSTATE
     processor(pg_engine, store).run_until_caught_up(projection)
     assert handled_positions(pg_engine, projection.name) == passed
+
+
+def test_the_publish_function_never_publishes_above_the_servers_ids(pg_engine: sa.Engine) -> None:
+    with pg_engine.connect() as conn:
+        published = conn.exec_driver_sql(
+            "SELECT events_horizon_publish(9000000000000)"
+        ).scalar_one()
+        next_id = conn.exec_driver_sql(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+        ).scalar_one()
+    assert published <= next_id
