@@ -22,7 +22,12 @@ import sqlalchemy as sa
 
 from eventsource import cluster, database, deadletters, errors, versions
 from eventsource.horizon import HORIZON_RULES, HorizonRule
-from eventsource.processor import HELD_BACK_BY, Processor, ProcessorConfig
+from eventsource.processor import (
+    DEFAULT_BLOCKED_WARNING_AFTER,
+    HELD_BACK_BY,
+    Processor,
+    ProcessorConfig,
+)
 from eventsource.projection import Projection
 from eventsource.rebuild import DEFAULT_WAIT, RebuildProgress, has_reset, rebuild, reset
 from eventsource.retry import RetryPolicy
@@ -446,6 +451,13 @@ def _age(seconds: float | None) -> str:
     help="PostgreSQL: wait only for this store's writers (store) or for every transaction "
     "on the server (server). See docs/horizon.md.",
 )
+@click.option(
+    "--blocked-warning-after",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_BLOCKED_WARNING_AFTER,
+    show_default=True,
+    help="PostgreSQL: seconds behind the same open transaction before a WARNING names it.",
+)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
 @click.pass_obj
 def run_command(
@@ -459,6 +471,7 @@ def run_command(
     retry_budget: float,
     batch_timeout: float | None,
     horizon: HorizonRule,
+    blocked_warning_after: float,
     metrics_port: int | None,
 ) -> None:
     """Run the application's projections until Ctrl+C / SIGTERM (or until caught up).
@@ -489,6 +502,7 @@ def run_command(
                 "retry_budget",
                 "batch_timeout",
                 "horizon",
+                "blocked_warning_after",
             )
             if click.get_current_context().get_parameter_source(name)
             != click.core.ParameterSource.DEFAULT
@@ -515,6 +529,7 @@ def run_command(
                 retry=RetryPolicy(budget=retry_budget),
                 batch_timeout=batch_timeout,
                 horizon=horizon,
+                blocked_warning_after=blocked_warning_after,
             )
             pairs.append(
                 ProjectionRunner(item.projection, Processor(engine, store, config, metrics=metrics))

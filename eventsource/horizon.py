@@ -129,6 +129,15 @@ def publish_function_name(names: models.TableNames) -> str:
     return f"{names.events}_horizon_publish"
 
 
+def own_state(events_table: str) -> sa.TextClause:
+    """SQL: (this transaction's id or NULL, whether it already holds the writer mark)."""
+    return sa.text(
+        f"""SELECT pg_current_xact_id_if_assigned(), EXISTS (
+                SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid()
+                    AND {_writer_lock("", events_table)})"""
+    )
+
+
 def schema_ddl(names: models.TableNames, schema: str, unlogged: bool) -> list[str]:
     """The statements of migration es0005, for ``sa.text`` (``schema``: the events
     table's). The check is a statement-level trigger, so every insert into the events

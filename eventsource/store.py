@@ -16,6 +16,7 @@ inside a savepoint, so a failed append leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,8 @@ from sqlalchemy.orm import Session, scoped_session
 
 from eventsource import cluster, database, errors, horizon, models, partition
 from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
+
+logger = logging.getLogger("eventsource.store")
 
 #: Where the store reads and writes: a Session, a ``scoped_session`` (its current
 #: Session, e.g. Flask-SQLAlchemy's ``db.session``), or a Connection.
@@ -212,7 +215,14 @@ class EventStore:
         conn = connection_of(session)
         if conn.dialect.name != "postgresql":
             return
+        own, marked = conn.execute(horizon.own_state(self.tables.names.events)).one()
         conn.execute(horizon.mark_statement(self.tables.names.events))
+        if own is not None and not marked:
+            logger.warning(
+                "EventStore.mark_writer: the transaction had already written (it has a "
+                "transaction id), so the mark comes too late to spare its appends an "
+                "AppendOrderError: call it first, before any other write (docs/horizon.md)"
+            )
 
     def _append_postgres(
         self, conn: sa.Connection, batch: _Batch, expected: ExpectedVersion

@@ -485,6 +485,32 @@ def test_db_upgrade_on_an_empty_database_then_current_is_up_to_date(
 # -- status and run -------------------------------------------------------------------
 
 
+def test_run_takes_the_horizon_rule_and_the_blocked_warning(db: sa.Engine, app_dir: Path) -> None:
+    url = cli_url(db)
+    append_events(db, 10)
+    ran = ok(
+        cli(
+            app_dir,
+            "run",
+            "myapp:PROJECTIONS",
+            "--horizon",
+            "server",
+            "--blocked-warning-after",
+            "5",
+            "--until-caught-up",
+            url=url,
+        )
+    )
+    assert ran.stdout.splitlines() == [
+        "orders partition 0: handled 10 events",
+        "totals partition 0: handled 10 events",
+    ]
+    for option, value in (("--horizon", "database"), ("--blocked-warning-after", "0")):
+        refused = cli(app_dir, "run", "myapp:PROJECTIONS", option, value, url=url)
+        assert refused.returncode == 2, refused.stderr
+        assert option in refused.stderr
+
+
 def test_status_shows_exact_lag_before_and_after_running(db: sa.Engine, app_dir: Path) -> None:
     url = cli_url(db)
     append_events(db, 30)

@@ -795,3 +795,19 @@ def test_the_publish_function_never_publishes_above_the_servers_ids(pg_engine: s
             "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
         ).scalar_one()
     assert published <= next_id
+
+
+def test_mark_writer_says_when_it_comes_too_late(
+    pg_engine: sa.Engine, store: es.EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="eventsource.store"):
+        with open_transaction(pg_engine) as first:
+            store.mark_writer(first)  # before anything: right
+            take_id_by_writing(first)
+            store.append(first, [event("A")])
+            store.mark_writer(first)  # already a writer: nothing to say
+        assert "too late" not in caplog.text
+        with open_transaction(pg_engine) as late:
+            take_id_by_writing(late)
+            store.mark_writer(late)
+    assert "too late" in caplog.text
