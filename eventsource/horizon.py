@@ -138,75 +138,95 @@ def own_state(events_table: str) -> sa.TextClause:
     )
 
 
-def schema_ddl(names: models.TableNames, schema: str, unlogged: bool) -> list[str]:
-    """The statements of migration es0005, for ``sa.text`` (``schema``: the events
-    table's). The check is a statement-level trigger, so every insert into the events
-    table is checked, whatever wrote it (an older version of this library, COPY, a
-    hand-written INSERT). Both functions run as their owner (SECURITY DEFINER, with a
-    fixed search_path), so application roles need no right on the sequence."""
+def schema_ddl(names: models.TableNames, unlogged: bool) -> list[str]:
+    """The statements of migration es0005, for ``sa.text``, online or offline (``--sql``).
+
+    The check is a statement-level trigger, so every insert into the events table is
+    checked, whatever wrote it (an older version of this library, COPY, a hand-written
+    INSERT). Both functions run as their owner (SECURITY DEFINER, with a fixed
+    search_path), so application roles need no right on the sequence; they name the
+    sequence with its schema, which a DO block reads when the script runs (the schema
+    the other tables were created in: the first of the search_path).
+    """
     q = _quote_text
-    seq = f"{q(schema)}.{q(sequence_name(names))}"
-    check = f"{q(schema)}.{q(check_function_name(names))}"
-    publish = f"{q(schema)}.{q(publish_function_name(names))}"
-    events = f"{q(schema)}.{q(names.events)}"
-    table = _literal(names.events)
+    table = _text_literal(names.events).replace("%", "%%")  # inside format()
+    check = f"""RETURNS trigger LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+        DECLARE
+            own bigint;
+            published bigint;
+        BEGIN
+            -- In this order: the insert already holds the table's lock (the mark),
+            -- then the transaction's id (assigned here if need be), then P.
+            own := pg_current_xact_id()::text::bigint;
+            SELECT last_value INTO published FROM %1$s;
+            IF published > own THEN
+                IF current_setting('transaction_isolation') = 'read committed' AND
+                    published > pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+                THEN
+                    RAISE EXCEPTION USING ERRCODE = '{AHEAD_SQLSTATE}', MESSAGE = format(
+                        'the published reading horizon of %%s (%%s) is ahead of this '
+                        'server''s transaction ids', '{table}', published);
+                END IF;
+                RAISE EXCEPTION USING ERRCODE = '{REFUSED_SQLSTATE}', MESSAGE = format(
+                    'transaction %%s wrote before it appended to %%s, and a projection '
+                    'may already read past it (up to %%s)', own, '{table}', published);
+            END IF;
+            RETURN NULL;
+        END $fn$"""
+    publish = f"""RETURNS bigint LANGUAGE plpgsql
+        SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+        DECLARE
+            current_value bigint;
+        BEGIN
+            -- Never above this server's ids (a reader's candidate never is): whoever
+            -- may call this cannot make every append look restored.
+            candidate := least(
+                candidate, pg_snapshot_xmax(pg_current_snapshot())::text::bigint);
+            -- The lock makes read-then-setval a maximum among concurrent readers.
+            PERFORM pg_advisory_xact_lock({publish_space(names.events)}, {PUBLISH_LOCK_KEY});
+            SELECT last_value INTO current_value FROM %1$s;
+            IF current_value >= candidate THEN
+                RETURN current_value;
+            END IF;
+            PERFORM setval(%2$s::regclass, candidate);
+            RETURN candidate;
+        END $fn$"""
     return [
-        f"CREATE {'UNLOGGED ' if unlogged else ''}SEQUENCE {seq} AS bigint MINVALUE 0 START WITH 0",
-        f"""CREATE FUNCTION {check}() RETURNS trigger LANGUAGE plpgsql
-            SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-            DECLARE
-                own bigint;
-                published bigint;
-            BEGIN
-                -- In this order: the insert already holds the table's lock (the mark),
-                -- then the transaction's id (assigned here if need be), then P.
-                own := pg_current_xact_id()::text::bigint;
-                SELECT last_value INTO published FROM {seq};
-                IF published > own THEN
-                    IF current_setting('transaction_isolation') = 'read committed' AND
-                        published > pg_snapshot_xmax(pg_current_snapshot())::text::bigint
-                    THEN
-                        RAISE EXCEPTION USING ERRCODE = '{AHEAD_SQLSTATE}', MESSAGE = format(
-                            'the published reading horizon of %s (%s) is ahead of this '
-                            'server''s transaction ids', '{table}', published);
-                    END IF;
-                    RAISE EXCEPTION USING ERRCODE = '{REFUSED_SQLSTATE}', MESSAGE = format(
-                        'transaction %s wrote before it appended to %s, and a projection '
-                        'may already read past it (up to %s)', own, '{table}', published);
-                END IF;
-                RETURN NULL;
-            END $fn$""",
-        f"""CREATE TRIGGER {q(check_function_name(names))} BEFORE INSERT ON {events}
-            FOR EACH STATEMENT EXECUTE FUNCTION {check}()""",
-        f"""CREATE FUNCTION {publish}(candidate bigint) RETURNS bigint LANGUAGE plpgsql
-            SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-            DECLARE
-                current_value bigint;
-            BEGIN
-                -- Never above this server's ids (a reader's candidate never is): whoever
-                -- may call this cannot make every append look restored.
-                candidate := least(
-                    candidate, pg_snapshot_xmax(pg_current_snapshot())::text::bigint);
-                -- The lock makes read-then-setval a maximum among concurrent readers.
-                PERFORM pg_advisory_xact_lock({publish_space(names.events)}, {PUBLISH_LOCK_KEY});
-                SELECT last_value INTO current_value FROM {seq};
-                IF current_value >= candidate THEN
-                    RETURN current_value;
-                END IF;
-                PERFORM setval('{_literal(seq)}'::regclass, candidate);
-                RETURN candidate;
-            END $fn$""",
+        f"CREATE {'UNLOGGED ' if unlogged else ''}SEQUENCE {q(sequence_name(names))} "
+        "AS bigint MINVALUE 0 START WITH 0",
+        _create_function(names, check_function_name(names), "()", check),
+        f"""CREATE TRIGGER {q(check_function_name(names))} BEFORE INSERT ON {q(names.events)}
+            FOR EACH STATEMENT EXECUTE FUNCTION {q(check_function_name(names))}()""",
+        _create_function(names, publish_function_name(names), "(candidate bigint)", publish),
     ]
 
 
-def drop_ddl(names: models.TableNames, schema: str) -> list[str]:
+def _create_function(names: models.TableNames, name: str, arguments: str, body: str) -> str:
+    """A DO block creating function ``name`` in the current schema, ``body`` (a format()
+    template: %1$s the sequence's qualified name, %2$s the same as a literal)."""
+    seq = _text_literal(sequence_name(names))
+    return f"""DO $do$ BEGIN EXECUTE format(
+            $f$CREATE FUNCTION %3$s{arguments} {body}$f$,
+            format('%I.%I', current_schema(), '{seq}'),
+            quote_literal(format('%I.%I', current_schema(), '{seq}')),
+            format('%I.%I', current_schema(), '{_text_literal(name)}'));
+        END $do$"""
+
+
+def drop_ddl(names: models.TableNames) -> list[str]:
     q = _quote_text
     return [
-        f"DROP TRIGGER {q(check_function_name(names))} ON {q(schema)}.{q(names.events)}",
-        f"DROP FUNCTION {q(schema)}.{q(check_function_name(names))}()",
-        f"DROP FUNCTION {q(schema)}.{q(publish_function_name(names))}(bigint)",
-        f"DROP SEQUENCE {q(schema)}.{q(sequence_name(names))}",
+        f"DROP TRIGGER {q(check_function_name(names))} ON {q(names.events)}",
+        f"DROP FUNCTION {q(check_function_name(names))}()",
+        f"DROP FUNCTION {q(publish_function_name(names))}(bigint)",
+        f"DROP SEQUENCE {q(sequence_name(names))}",
     ]
+
+
+def _text_literal(text: str) -> str:
+    """``text`` inside a SQL string literal in ``sa.text`` (quotes doubled, ``:`` kept)."""
+    return _literal(text).replace(":", "\\:")
 
 
 def refusal(

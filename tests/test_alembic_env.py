@@ -270,3 +270,37 @@ def alembic_config() -> Config:
 def alembic_engine(empty_engine: sa.Engine) -> sa.Engine:
     """pytest-alembic's database; it hands the Engine itself to env.py."""
     return empty_engine
+
+
+@pytest.mark.postgres
+def test_offline_sql_creates_a_working_schema(empty_pg_url: sa.URL) -> None:
+    """`alembic upgrade head --sql` writes a script that, run by hand, makes the same
+    working store (the horizon's functions find their schema when the script runs)."""
+    url = empty_pg_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    script = run_in_repository("-m", "alembic", "upgrade", "head", "--sql", database_url=url)
+    assert "CREATE TRIGGER" in script.stdout
+    engine = es.create_engine(empty_pg_url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql(script.stdout)
+        assert database.current_revision(engine) == HEAD
+        store = es.EventStore()
+        with engine.begin() as conn:
+            store.append(
+                conn,
+                [
+                    es.Event(
+                        bounded_context="b", aggregate_type="A", aggregate_id="1", event_type="E"
+                    )
+                ],
+            )
+        with engine.connect() as conn:
+            published = conn.exec_driver_sql("SELECT events_horizon_publish(1)").scalar_one()
+            triggers = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'events_horizon_check'"
+            ).scalar_one()
+        assert published >= 0
+        assert triggers == 1
+    finally:
+        engine.dispose()

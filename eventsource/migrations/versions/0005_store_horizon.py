@@ -32,31 +32,17 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def _events_schema(bind: sa.Connection) -> str:
-    identifier = horizon.sequence_identifier_of(table_names().events)
-    return str(
-        bind.execute(
-            sa.text(
-                "SELECT n.nspname FROM pg_class AS c JOIN pg_namespace AS n "
-                "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(:t)"
-            ),
-            {"t": identifier},
-        ).scalar_one()
-    )
-
-
 def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
     unlogged = (bind.dialect.server_version_info or (0,)) >= (15,)
-    for statement in horizon.schema_ddl(table_names(), _events_schema(bind), unlogged):
+    for statement in horizon.schema_ddl(table_names(), unlogged):
         op.execute(sa.text(statement))
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    if bind.dialect.name != "postgresql":
+    if op.get_bind().dialect.name != "postgresql":
         return
-    for statement in horizon.drop_ddl(table_names(), _events_schema(bind)):
+    for statement in horizon.drop_ddl(table_names()):
         op.execute(sa.text(statement))
