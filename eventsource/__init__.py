@@ -23,9 +23,11 @@ from eventsource.errors import (
     EventSourceError,
     OptimisticConcurrencyError,
     PartitionCountChangedError,
+    PartitionLostError,
     ProjectionBusyError,
     ProjectionError,
     ProjectionRetiredError,
+    ReshardError,
     SchemaMissingError,
     TransactionIdsAheadError,
     ValidationError,
@@ -43,6 +45,7 @@ from eventsource.models import TableNames
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy
 from eventsource.processor import BatchResult, Processor, ProcessorConfig
 from eventsource.projection import OnError, Projection
+from eventsource.reshard import ReshardResult, cancel_reshard, reshard
 from eventsource.retry import RetryPolicy, run_in_transaction
 from eventsource.runner import ProjectionRunner, Runner
 from eventsource.store import EventStore
@@ -64,6 +67,7 @@ __all__ = [
     "OnError",
     "OptimisticConcurrencyError",
     "PartitionCountChangedError",
+    "PartitionLostError",
     "PartitionStrategy",
     "PersistedEvent",
     "Processor",
@@ -73,6 +77,8 @@ __all__ = [
     "ProjectionError",
     "ProjectionRetiredError",
     "ProjectionRunner",
+    "ReshardError",
+    "ReshardResult",
     "RetryPolicy",
     "Runner",
     "SchemaMissingError",
@@ -81,11 +87,13 @@ __all__ = [
     "TransactionIdsAheadError",
     "ValidationError",
     "VersionNotCaughtUpError",
+    "cancel_reshard",
     "configure_engine",
     "create_engine",
     "database_url",
     "downgrade",
     "json_default",
+    "reshard",
     "run_in_transaction",
     "upgrade",
 ]

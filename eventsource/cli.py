@@ -24,12 +24,14 @@ from eventsource import cluster, database, deadletters, errors, versions
 from eventsource.horizon import HORIZON_RULES, HorizonRule
 from eventsource.processor import (
     DEFAULT_BLOCKED_WARNING_AFTER,
+    DEFAULT_LEASE,
     HELD_BACK_BY,
     Processor,
     ProcessorConfig,
 )
 from eventsource.projection import Projection
 from eventsource.rebuild import DEFAULT_WAIT, RebuildProgress, has_reset, rebuild, reset
+from eventsource.reshard import DEFAULT_TIMEOUT, cancel_reshard, reshard
 from eventsource.retry import RetryPolicy
 from eventsource.runner import ProjectionRunner, Runner
 from eventsource.status import (
@@ -375,12 +377,21 @@ def _held_back(held: Sequence[Blocker], rule: HorizonRule) -> str:
 def _table(rows: Sequence[ProjectionStatus]) -> str:
     if not rows:
         return "no projections have run yet"
-    header = ("PROJECTION", "PARTITION", "CHECKPOINT", "HEAD", "LAG", "UPDATED", "AGE")
-    lines = [
+    header: tuple[str, ...] = (
+        "PROJECTION",
+        "PARTITION",
+        "CHECKPOINT",
+        "HEAD",
+        "LAG",
+        "UPDATED",
+        "AGE",
+    )
+    lines: list[tuple[str, ...]] = [
         (
             row.projection,
             f"{row.partition_key}/{row.total_partitions}",
-            str(row.checkpoint),
+            str(row.checkpoint)
+            + (f" (stops at {row.reshard_boundary})" if row.reshard_boundary is not None else ""),
             str(row.head),
             f"> {row.lag}" if row.lag_capped else str(row.lag),
             row.updated_at.strftime("%Y-%m-%d %H:%M:%S") if row.updated_at else "never",
@@ -388,11 +399,28 @@ def _table(rows: Sequence[ProjectionStatus]) -> str:
         )
         for row in rows
     ]
+    if any(row.owner is not None for row in rows):  # claimed partitions: who holds them
+        header += ("OWNER", "LEASE")
+        lines = [
+            (*cells, row.owner or "-", _lease(row)) for cells, row in zip(lines, rows, strict=True)
+        ]
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
         for cells in [header, *lines]
     )
+
+
+def _lease(row: ProjectionStatus) -> str:
+    """The lease's age (since its last renewal), and whether it ran out."""
+    if row.owner is None or row.lease_age_seconds is None:
+        return "-"
+    age = (
+        f"{row.lease_age_seconds:.1f}s"
+        if row.lease_age_seconds < 120
+        else _age(row.lease_age_seconds)
+    )
+    return f"{age} EXPIRED" if row.lease_expired else age
 
 
 def _age(seconds: float | None) -> str:
@@ -426,6 +454,20 @@ def _age(seconds: float | None) -> str:
     default=1,
     show_default=True,
     help="Partitions each projection is split into [env: TOTAL_PARTITIONS].",
+)
+@click.option(
+    "--claim/--no-claim",
+    default=None,
+    help="With --total-partitions N and no --partition-key: share the N partitions with "
+    "every other worker started the same way, through leases in the database (the "
+    "default), or run all N in this process (--no-claim).",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_LEASE,
+    show_default=True,
+    help="Claimed partitions: seconds before a worker that stopped renewing loses them.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--poll-interval", type=click.FloatRange(min=0), default=0.1, show_default=True)
@@ -465,6 +507,8 @@ def run_command(
     app_spec: str,
     partition_key: int | None,
     total_partitions: int,
+    claim: bool | None,
+    lease: float,
     batch_size: int,
     poll_interval: float,
     until_caught_up: bool,
@@ -476,13 +520,29 @@ def run_command(
 ) -> None:
     """Run the application's projections until Ctrl+C / SIGTERM (or until caught up).
 
-    Without --partition-key every partition runs in this process; with it, only that
-    one, so N processes with keys 0..N-1 split the work.
+    With --total-partitions N and no --partition-key, identical workers (processes, on
+    any machines) share the N partitions: each claims a fair share, they rebalance as
+    workers come and go, and a dead worker's partitions are taken over once its lease
+    expires. With --partition-key K only partition K runs here, so N processes with
+    keys 0..N-1 split the work by hand. --until-caught-up (and --no-claim) runs every
+    partition in this process.
     """
     if partition_key is not None and partition_key >= total_partitions:
         raise click.BadParameter(
             f"must be below --total-partitions ({total_partitions})", param_hint="--partition-key"
         )
+    if claim and partition_key is not None:
+        raise click.BadParameter(
+            "--claim shares every partition among the workers; drop --partition-key",
+            param_hint="--claim",
+        )
+    if claim and until_caught_up:
+        raise click.BadParameter(
+            "--until-caught-up runs every partition here; it does not claim",
+            param_hint="--claim",
+        )
+    if claim is None:
+        claim = partition_key is None and total_partitions > 1 and not until_caught_up
     defined = load_app(app_spec)
     metrics = None
     if metrics_port is not None:
@@ -490,6 +550,8 @@ def run_command(
 
         metrics = PrometheusMetrics()
     keys = [partition_key] if partition_key is not None else list(range(total_partitions))
+    if claim:
+        keys = [0]  # one claiming processor per projection; it runs what it claims
     needs_processors = [pair for pair in defined if pair.processor is None]
     if len(needs_processors) < len(defined):
         given = [
@@ -497,6 +559,8 @@ def run_command(
             for name in (
                 "partition_key",
                 "total_partitions",
+                "claim",
+                "lease",
                 "batch_size",
                 "poll_interval",
                 "retry_budget",
@@ -513,7 +577,7 @@ def run_command(
                 "processor; the app's (projection, processor) pairs keep their own config",
                 err=True,
             )
-    engine = ctx.engine(pool_size=max(5, len(needs_processors) * len(keys) + 1))
+    engine = ctx.engine(pool_size=max(5, len(needs_processors) * total_partitions + 2))
     store = EventStore()
     pairs: list[ProjectionRunner] = []
     for item in defined:
@@ -525,6 +589,8 @@ def run_command(
                 batch_size=batch_size,
                 partition_key=key,
                 total_partitions=total_partitions,
+                claim=claim,
+                lease=lease,
                 poll_interval=poll_interval,
                 retry=RetryPolicy(budget=retry_budget),
                 batch_timeout=batch_timeout,
@@ -543,7 +609,12 @@ def run_command(
             metrics.track_lag(engine, store=store)
             prometheus_client.start_http_server(metrics_port)
         names = ", ".join(sorted({pair.projection.name for pair in pairs}))
-        click.echo(f"running {len(pairs)} processor(s): {names}", err=True)
+        shared = (
+            f", claiming shares of {total_partitions} partitions with the other workers"
+            if claim
+            else ""
+        )
+        click.echo(f"running {len(pairs)} processor(s): {names}{shared}", err=True)
         runner = Runner()
         if until_caught_up:
             handled = runner.run_until_caught_up(pairs)
@@ -721,6 +792,86 @@ def rebuild_command(
     click.echo(
         f"rebuilt {name}: {final.handled} events handled, {final.done} read, "
         f"in {final.elapsed:.1f}s"
+    )
+
+
+@main.command("reshard")
+@click.argument("name")
+@click.option(
+    "--total-partitions",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The new partition count (required unless --cancel).",
+)
+@click.option(
+    "--app",
+    "app_spec",
+    metavar="MODULE:ATTR",
+    help="Also run here the old partitions that lag behind the boundary (so it finishes "
+    "with no worker running).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for the old partitions to reach the boundary; past it nothing changes.",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_WAIT,
+    show_default=True,
+    help=_WAIT_HELP,
+)
+@click.option("--cancel", is_flag=True, help="Remove the boundary of an interrupted reshard.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def reshard_command(
+    ctx: Context,
+    name: str,
+    total_partitions: int | None,
+    app_spec: str | None,
+    timeout: float,
+    wait: float,
+    cancel: bool,
+    yes: bool,
+) -> None:
+    """Change projection NAME's partition count while its workers run, each event once.
+
+    Every old partition stops at one boundary, the furthest checkpoint among them; once
+    all stand on it (their workers catch up), the new partitions start from exactly
+    there, in one transaction. Claiming workers (run --total-partitions without
+    --partition-key) take the new count up by themselves; workers with a fixed
+    --partition-key stop with an error (restart them with the new count).
+    """
+    if cancel:
+        if total_partitions is not None:
+            raise click.UsageError("--cancel takes no --total-partitions")
+        engine = ctx.engine()
+        with _database_errors(ctx):
+            removed = cancel_reshard(engine, name)
+        click.echo(f"{name}: {'boundary removed' if removed else 'no reshard in progress'}")
+        return
+    if total_partitions is None:
+        raise click.UsageError("pass --total-partitions N (or --cancel)")
+    target: str | Projection = name
+    if app_spec:
+        target = _find(load_app(app_spec), name)
+        name = target.checkpoint_name
+    _confirm(
+        yes, f"Reshard projection {name!r} to {total_partitions} partitions on {ctx.describe()}?"
+    )
+    engine = ctx.engine()
+    click.echo(
+        f"resharding {name}: waiting for every old partition to reach the boundary", err=True
+    )
+    with _database_errors(ctx):
+        done = reshard(engine, target, total_partitions, timeout=timeout, wait=wait)
+    click.echo(
+        f"resharded {name}: {done.from_partitions} -> {done.to_partitions} partitions at "
+        f"position {done.boundary_position} (transaction {done.boundary_transaction_id}) "
+        f"in {done.seconds:.1f}s"
     )
 
 

@@ -465,6 +465,8 @@ def raise_if_schema_missing(
         names.cluster,
         names.dead_letters,
         names.projection_versions,
+        names.partition_claims,
+        names.partition_workers,
     )
     if match is None:
         if not own_statement:

@@ -12,6 +12,8 @@
     ├── TransactionIdsAheadError               restored from another cluster: db rebase
     ├── ProjectionBusyError                    a reset/rebuild waited too long for batches
     ├── CheckpointLostError                    a checkpoint row vanished mid-batch; rolled back
+    ├── PartitionLostError                     a claimed partition's lease passed to another worker
+    ├── ReshardError                           a reshard was refused or timed out; nothing changed
     ├── DatabaseUnavailableError               transient failures outlasted the retry policy
     ├── DeadLetterError                        a dead-letter retry/discard was refused
     ├── VersionNotCaughtUpError                a switch to a version that still lags
@@ -118,6 +120,22 @@ class CheckpointLostError(EventSourceError):
 
     Only a deletion that bypasses the projection's lock can cause it (by hand, or an
     old tool): ``eventsource reset`` and ``eventsource.rebuild.reset`` wait for batches.
+    """
+
+
+class PartitionLostError(EventSourceError):
+    """A worker's lease on a claimed partition passed to another worker (it expired while
+    the worker was paused, cut off or too slow to renew it): the batch was rolled back
+    and the worker stops that partition; the new owner carries on from its checkpoint."""
+
+
+class ReshardError(EventSourceError):
+    """A reshard was refused or could not finish; nothing was changed.
+
+    The projection runs on with its old partition count. The message says why: the
+    projection has no checkpoints yet, an online rebuild is running, a partition did not
+    reach the boundary in time (are its workers running?), or the projection was reset
+    or rebuilt meanwhile.
     """
 
 

@@ -45,6 +45,8 @@ def table_names() -> models.TableNames:
         cluster=x.get("cluster_table", ""),  # empty: derived from the events table's name
         dead_letters=x.get("dead_letters_table", ""),  # likewise
         projection_versions=x.get("projection_versions_table", ""),  # likewise
+        partition_claims=x.get("partition_claims_table", ""),  # likewise
+        partition_workers=x.get("partition_workers_table", ""),  # likewise
     )
 
 

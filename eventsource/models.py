@@ -131,8 +131,10 @@ class TableNames:
     """Names of the library's tables; change them to share a schema with other tables.
 
     ``cluster`` defaults to ``<events>_cluster``, ``dead_letters`` to
-    ``<events>_dead_letters`` and ``projection_versions`` to
-    ``<events>_projection_versions``, so two sets of names in one database never share
+    ``<events>_dead_letters``, ``projection_versions`` to
+    ``<events>_projection_versions``, ``partition_claims`` to
+    ``<events>_partition_claims`` and ``partition_workers`` to
+    ``<events>_partition_workers``, so two sets of names in one database never share
     them.
     Names are checked here, before any SQL: each must be a non-empty
     str, and every identifier derived from them (constraints, indexes, the version
@@ -148,6 +150,10 @@ class TableNames:
     """Events that projections quarantined (``OnError.QUARANTINE*``)."""
     projection_versions: str = ""
     """Which version of each versioned projection readers use (see eventsource.versions)."""
+    partition_claims: str = ""
+    """Which worker holds a lease on which partition (see eventsource.claims)."""
+    partition_workers: str = ""
+    """The live workers that share each claimed projection (see eventsource.claims)."""
 
     def __post_init__(self) -> None:
         fields = (
@@ -157,8 +163,16 @@ class TableNames:
             "cluster",
             "dead_letters",
             "projection_versions",
+            "partition_claims",
+            "partition_workers",
         )
-        derived = ("cluster", "dead_letters", "projection_versions")
+        derived = (
+            "cluster",
+            "dead_letters",
+            "projection_versions",
+            "partition_claims",
+            "partition_workers",
+        )
         for field in fields:
             value = getattr(self, field)
             if field in derived and value == "":
@@ -180,6 +194,10 @@ class TableNames:
             object.__setattr__(self, "dead_letters", f"{self.events}_dead_letters")
         if not self.projection_versions:
             object.__setattr__(self, "projection_versions", f"{self.events}_projection_versions")
+        if not self.partition_claims:
+            object.__setattr__(self, "partition_claims", f"{self.events}_partition_claims")
+        if not self.partition_workers:
+            object.__setattr__(self, "partition_workers", f"{self.events}_partition_workers")
         names = [getattr(self, field) for field in fields]
         if len(set(names)) < len(names):
             raise errors.ConfigurationError(
@@ -219,6 +237,10 @@ class TableNames:
             ("dead_letters", f"ix_{self.dead_letters}_aggregate"),
             ("projection_versions", self.projection_versions),
             ("projection_versions", f"pk_{self.projection_versions}"),
+            ("partition_claims", self.partition_claims),
+            ("partition_claims", f"pk_{self.partition_claims}"),
+            ("partition_workers", self.partition_workers),
+            ("partition_workers", f"pk_{self.partition_workers}"),
         ]
 
 
@@ -234,6 +256,8 @@ class Tables:
     cluster: sa.Table
     dead_letters: sa.Table
     projection_versions: sa.Table
+    partition_claims: sa.Table
+    partition_workers: sa.Table
 
 
 def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
@@ -298,6 +322,10 @@ def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
         sa.Column("global_position", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("events_handled", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("updated_at", UtcDateTime, nullable=False),
+        # Set while the projection is resharded (eventsource.reshard): the partition's
+        # batches read no further than this (transaction id, position) boundary.
+        sa.Column("stop_transaction_id", sa.BigInteger, nullable=True),
+        sa.Column("stop_global_position", sa.BigInteger, nullable=True),
     )
     # One row (id 1): the system identifier of the PostgreSQL cluster whose transaction
     # ids the other tables hold (see eventsource.cluster). Unused on SQLite.
@@ -358,8 +386,44 @@ def define_tables(names: TableNames, metadata: sa.MetaData) -> Tables:
         sa.Column("previous_version", sa.Integer, nullable=True),
         sa.Column("switched_at", UtcDateTime, nullable=False),
     )
+    # Claimed partitions (eventsource.claims): one row per partition of a projection
+    # whose workers share its partitions, naming the worker that holds its lease. The
+    # epoch grows with every change of owner; a batch commits only under the owner and
+    # epoch its worker claimed with (fencing).
+    partition_claims = sa.Table(
+        names.partition_claims,
+        metadata,
+        sa.Column("projection_name", sa.Text, primary_key=True),
+        sa.Column("partition_key", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("total_partitions", sa.Integer, nullable=False),
+        sa.Column("owner", sa.Text, nullable=True),
+        sa.Column("epoch", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("claimed_at", UtcDateTime, nullable=True),
+        sa.Column("renewed_at", UtcDateTime, nullable=True),
+        sa.Column("lease_expires_at", UtcDateTime, nullable=True),
+    )
+    # The workers sharing each claimed projection, each with a lease of its own: the
+    # fair share of a worker is the partition count divided by the live ones.
+    partition_workers = sa.Table(
+        names.partition_workers,
+        metadata,
+        sa.Column("projection_name", sa.Text, primary_key=True),
+        sa.Column("worker_id", sa.Text, primary_key=True),
+        sa.Column("started_at", UtcDateTime, nullable=False),
+        sa.Column("renewed_at", UtcDateTime, nullable=False),
+        sa.Column("lease_expires_at", UtcDateTime, nullable=False),
+    )
     return Tables(
-        names, metadata, events, heads, checkpoints, cluster, dead_letters, projection_versions
+        names,
+        metadata,
+        events,
+        heads,
+        checkpoints,
+        cluster,
+        dead_letters,
+        projection_versions,
+        partition_claims,
+        partition_workers,
     )
 
 
@@ -430,6 +494,8 @@ class ProjectionCheckpoint(Base):
     global_position: Mapped[int]
     events_handled: Mapped[int]
     updated_at: Mapped[datetime]
+    stop_transaction_id: Mapped[int | None]
+    stop_global_position: Mapped[int | None]
 
 
 class ClusterRecord(Base):
@@ -476,3 +542,30 @@ class ProjectionVersionRecord(Base):
     active_version: Mapped[int]
     previous_version: Mapped[int | None]
     switched_at: Mapped[datetime]
+
+
+class PartitionClaimRecord(Base):
+    """Which worker holds a lease on a partition of a claimed projection (eventsource.claims)."""
+
+    __table__ = DEFAULT_TABLES.partition_claims
+
+    projection_name: Mapped[str]
+    partition_key: Mapped[int]
+    total_partitions: Mapped[int]
+    owner: Mapped[str | None]
+    epoch: Mapped[int]
+    claimed_at: Mapped[datetime | None]
+    renewed_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]
+
+
+class PartitionWorkerRecord(Base):
+    """A live worker sharing a claimed projection's partitions (eventsource.claims)."""
+
+    __table__ = DEFAULT_TABLES.partition_workers
+
+    projection_name: Mapped[str]
+    worker_id: Mapped[str]
+    started_at: Mapped[datetime]
+    renewed_at: Mapped[datetime]
+    lease_expires_at: Mapped[datetime]

@@ -52,6 +52,8 @@ WAIT_LOG_INTERVAL = 5.0
 #: Seconds a processor waits behind the same open transaction before it names it in a
 #: WARNING (ProcessorConfig.blocked_warning_after), and then again every as many.
 DEFAULT_BLOCKED_WARNING_AFTER = 30.0
+#: Seconds a claimed partition's lease lasts without renewal (ProcessorConfig.lease).
+DEFAULT_LEASE = 5.0
 
 
 #: What holds projections back under each horizon rule, for people (logs, status).
@@ -85,6 +87,15 @@ class ProcessorConfig:
     themselves; docs/horizon.md). ``"server"``: every transaction on the server that
     holds an id, in any database (the rule before the store's horizon existed, and
     the fallback, logged, where the store rule cannot be computed)."""
+    claim: bool = False
+    """Share the projection's ``total_partitions`` with every other worker that claims
+    them, instead of running one fixed ``partition_key``: identical processes each take
+    a lease on a fair share, rebalance as workers come and go, and take over the
+    partitions of one that died once its lease expires (see :mod:`eventsource.claims`).
+    Only :meth:`Processor.run` claims; ``run_until_caught_up`` refuses."""
+    lease: float = DEFAULT_LEASE
+    """With ``claim``: seconds a worker's lease lasts without renewal (renewed every
+    third of it). A worker that stops renewing loses its partitions after this long."""
     blocked_warning_after: float | None = DEFAULT_BLOCKED_WARNING_AFTER
     """PostgreSQL: after this many seconds with committed events it cannot read yet,
     behind the same open transaction (DESIGN invariant 2), log a WARNING naming it
@@ -133,6 +144,16 @@ class ProcessorConfig:
                 f"horizon must be one of {', '.join(map(repr, HORIZON_RULES))}, "
                 f"got {self.horizon!r}"
             )
+        if not isinstance(self.claim, bool):
+            raise errors.ConfigurationError(f"claim must be a bool, got {self.claim!r}")
+        if self.claim and self.partition_key != 0:
+            raise errors.ConfigurationError(
+                "claim=True shares every partition among the workers: leave partition_key "
+                f"unset (got {self.partition_key}), or drop claim to run that one partition"
+            )
+        lease = self.lease
+        if isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0:
+            raise errors.ConfigurationError(f"lease must be seconds > 0, got {lease!r}")
         after = self.blocked_warning_after
         if after is not None and (
             isinstance(after, bool) or not isinstance(after, int | float) or after <= 0
@@ -260,12 +281,30 @@ class Processor:
         #: How old a store horizon a batch accepts (seconds): 0 (computed after the batch
         #: began) outside run(), whose polls accept one a poll interval old.
         self._horizon_max_age = 0.0
+        #: Set by eventsource.claims on the processor of one claimed partition: the owner
+        #: and epoch its lease was claimed with. A batch that finds either changed (the
+        #: lease passed to another worker) rolls back with PartitionLostError.
+        self.fence: tuple[str, int] | None = None
+        #: run() starts with check_partitions(), under the projection's exclusive lock.
+        #: A claimed partition's processor skips it: its coordinator made every
+        #: checkpoint already, and the exclusive lock would wait for (and hold up every
+        #: batch behind) a batch of a paused worker. A missing checkpoint (a reset)
+        #: still takes it.
+        self.checks_partitions_at_start = True
+        #: With ``config.claim``: the id this processor claims partitions under (default:
+        #: the process's, :func:`eventsource.claims.worker_id`). Two processors of one
+        #: projection in one process are two workers only with ids of their own.
+        self.worker_id: str | None = None
+        #: Called by stop() (eventsource.claims wakes its coordinator with it).
+        self._stop_listeners: list[Callable[[], None]] = []
 
     # -- public API -------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand (thread-safe)."""
         self._stop.set()
+        for listener in self._stop_listeners:
+            listener()
 
     @property
     def stopping(self) -> bool:
@@ -278,8 +317,18 @@ class Processor:
         does: the batch in hand commits and ``run`` returns; a second signal raises
         ``KeyboardInterrupt`` and the batch in hand rolls back (see
         :mod:`eventsource.signals`). ``handle_signals=False`` leaves signals alone.
+
+        With ``config.claim`` it runs the partitions this worker claims, each in a
+        thread of its own, and shares them with the other workers until stopped
+        (:mod:`eventsource.claims`).
         """
         _check_projection(projection)
+        if self.config.claim:
+            from eventsource import claims  # it imports this module
+
+            with signals.graceful_stop(self.stop, enabled=handle_signals, log=logger):
+                claims.run_claimed(self, projection)
+            return
         self._log_start(projection, "run")
         retrier = Retrier(self.config.retry, self._describe(projection))
         # While it polls, the store horizon it reads below may be a poll interval old:
@@ -287,7 +336,8 @@ class Processor:
         self._horizon_max_age = self.config.poll_interval
         try:
             with signals.graceful_stop(self.stop, enabled=handle_signals, log=logger):
-                self._retrying(projection, retrier, lambda: self.check_partitions(projection))
+                if self.checks_partitions_at_start:
+                    self._retrying(projection, retrier, lambda: self.check_partitions(projection))
                 while not self._stop.is_set():
                     result = self._retrying(
                         projection, retrier, lambda: self.process_batch(projection)
@@ -320,6 +370,11 @@ class Processor:
         logging while it waits. ``on_batch`` is called after each committed batch.
         """
         _check_projection(projection)
+        if self.config.claim:
+            raise errors.ConfigurationError(
+                "run_until_caught_up does not claim partitions: catch up with one "
+                "processor per partition_key (claim=False), or run() to share them"
+            )
         self._log_start(projection, "catch-up")
         handled = 0
         retrier = Retrier(self.config.retry, self._describe(projection))
@@ -368,7 +423,8 @@ class Processor:
 
         The check and the creation are atomic (DESIGN invariant 6): two processes that
         start a new projection at the same instant with different ``total_partitions``
-        take turns on the projection's lock, and the second one is refused.
+        take turns on the projection's lock, and the second one is refused. With
+        ``config.claim`` every partition's first checkpoint is created.
         """
         try:
             with self._sessions() as session, session.begin():
@@ -410,7 +466,15 @@ class Processor:
                 f"reset it (eventsource reset {projection.name} --app MODULE:ATTR) and "
                 "replay from the start."
             )
-        queries.create_checkpoint(session, projection.checkpoint_name, self.config)
+        if self.config.claim:  # every partition, for the workers that will claim them
+            for key in range(self.config.total_partitions):
+                queries.create_checkpoint(
+                    session,
+                    projection.checkpoint_name,
+                    dataclasses.replace(self.config, claim=False, partition_key=key),
+                )
+        else:
+            queries.create_checkpoint(session, projection.checkpoint_name, self.config)
 
     def process_batch(self, projection: Projection) -> BatchResult:
         """Run one batch in one transaction and return what it did."""
@@ -464,6 +528,7 @@ class Processor:
                 projection.checkpoint_name,
                 config,
                 yield_to_rebuild=self.yields_to_rebuild,
+                fence=self.fence,
             )
             if checkpoint is None:
                 if not self._in_callers_transaction:
@@ -471,7 +536,9 @@ class Processor:
                 # Rolling back here would roll back the caller's whole transaction; it
                 # already serialises with everything else, so create the row in it.
                 self._ensure_checkpoint(session, queries, projection)
-                checkpoint = queries.lock_checkpoint(session, projection.checkpoint_name, config)
+                checkpoint = queries.lock_checkpoint(
+                    session, projection.checkpoint_name, config, fence=self.fence
+                )
                 assert checkpoint is not None
             checkpoint = self._with_store_horizon(session, checkpoint)
             if config.batch_timeout is not None and queries.dialect == "postgresql":
@@ -544,6 +611,11 @@ class Processor:
                 (int(newest_readable[0]), int(newest_readable[1])) > (tx, pos)
             ):
                 tx, pos = int(newest_readable[0]), int(newest_readable[1])
+            if not full and checkpoint.reaches_stop():
+                # Everything of this partition up to the reshard's boundary is handled:
+                # stand on the boundary itself, where the new partitions will start.
+                assert checkpoint.stop is not None
+                tx, pos = max((tx, pos), checkpoint.stop)
             moved = (tx, pos) != (checkpoint.transaction_id, checkpoint.global_position)
             if moved:
                 updated = session.execute(
@@ -995,6 +1067,8 @@ class _Checkpoint:
     """The events table and the server's lifetime (see horizon.store_identity)."""
     read_committed: bool = False
     """The batch's statements each take a fresh snapshot (see _with_store_horizon)."""
+    stop: tuple[int, int] | None = None
+    """The boundary a reshard stops the partition at (see eventsource.reshard)."""
 
     @property
     def held_back_by(self) -> int | None:
@@ -1027,15 +1101,27 @@ class _Checkpoint:
         )
 
     def params(self, limit: int) -> dict[str, Any]:
+        stop_tx, stop_pos = self.stop if self.stop is not None else (_NO_STOP, _NO_STOP)
         return {
             "ck_tx": self.transaction_id,
             "ck_pos": self.global_position,
             "xmin": self.xmin,
             "own": self.own_transaction,
+            "stop_tx": stop_tx,
+            "stop_pos": stop_pos,
             "limit": limit,
         }
 
+    def reaches_stop(self) -> bool:
+        """A reshard's boundary is set and every event up to it can be read now: a batch
+        that read less than it asked for has then read all of its own up to it."""
+        if self.stop is None:
+            return False
+        return self.xmin is None or self.stop[0] < self.xmin
 
+
+#: The reading bound when no reshard boundary is set: above every id and position.
+_NO_STOP = 2**63 - 1
 #: Second key of a projection's own advisory lock; partition keys are >= 0.
 _PROJECTION_LOCK_KEY = -1
 #: Second key of its rebuild lock, held by an online rebuild for its whole duration
@@ -1095,6 +1181,55 @@ def lock_projection(
         "open). Nothing was changed; try again, wait longer, or stop the workers."
     )
     _take_lock(conn, _EXCLUSIVE_LOCK, name, store, timeout, busy)
+
+
+def lock_projection_shared(
+    connection: sa.Connection | Session, name: str, *, store: EventStore | None = None
+) -> None:
+    """Take the shared side of projection ``name``'s lock (the side batches hold) for the
+    rest of the transaction: what the exclusive side guards (the partition count, the
+    checkpoints' existence) cannot change before it ends. Nothing on SQLite."""
+    conn = connection.connection() if isinstance(connection, Session) else connection
+    if conn.dialect.name != "postgresql":
+        return
+    tables = (store or EventStore()).tables
+    space = _advisory_lock_space(tables.names.projection_checkpoints)(name)
+    conn.execute(_SHARED_LOCK, {"lock_space": space})
+
+
+def try_lock_partition(
+    connection: sa.Connection | Session,
+    name: str,
+    partition_key: int,
+    *,
+    store: EventStore | None = None,
+) -> bool:
+    """Take partition ``partition_key``'s lock of projection ``name`` for the rest of the
+    transaction if no batch of it is in hand (whether it was taken). Every batch holds
+    this lock from its start to its end. Always true on SQLite (BEGIN IMMEDIATE already
+    serialises the transaction with every batch)."""
+    conn = connection.connection() if isinstance(connection, Session) else connection
+    if conn.dialect.name != "postgresql":
+        return True
+    tables = (store or EventStore()).tables
+    space = _advisory_lock_space(tables.names.projection_checkpoints)(name)
+    return bool(
+        conn.execute(_TRY_PARTITION_LOCK, {"lock_space": space, "key": partition_key}).scalar()
+    )
+
+
+def rebuild_running(
+    connection: sa.Connection | Session, name: str, *, store: EventStore | None = None
+) -> bool:
+    """Whether an online rebuild of projection ``name`` holds its rebuild lock now
+    (PostgreSQL; False elsewhere). When not, a rebuild cannot start before the
+    transaction ends (it holds the lock's shared side until then)."""
+    conn = connection.connection() if isinstance(connection, Session) else connection
+    if conn.dialect.name != "postgresql":
+        return False
+    tables = (store or EventStore()).tables
+    space = _advisory_lock_space(tables.names.projection_checkpoints)(name)
+    return not conn.execute(_TRY_REBUILD_SHARED, {"lock_space": space}).scalar()
 
 
 def lock_rebuild(
@@ -1168,6 +1303,19 @@ def _take_lock(
 _EXCLUSIVE_LOCK = sa.text("SELECT pg_advisory_xact_lock(:lock_space, :key)").bindparams(
     sa.bindparam("lock_space", type_=sa.Integer),
     sa.bindparam("key", value=_PROJECTION_LOCK_KEY, type_=sa.Integer),
+)
+_SHARED_LOCK = sa.text("SELECT pg_advisory_xact_lock_shared(:lock_space, :key)").bindparams(
+    sa.bindparam("lock_space", type_=sa.Integer),
+    sa.bindparam("key", value=_PROJECTION_LOCK_KEY, type_=sa.Integer),
+)
+_TRY_REBUILD_SHARED = sa.text(
+    "SELECT pg_try_advisory_xact_lock_shared(:lock_space, :key)"
+).bindparams(
+    sa.bindparam("lock_space", type_=sa.Integer),
+    sa.bindparam("key", value=_REBUILD_LOCK_KEY, type_=sa.Integer),
+)
+_TRY_PARTITION_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(:lock_space, :key)").bindparams(
+    sa.bindparam("lock_space", type_=sa.Integer), sa.bindparam("key", type_=sa.Integer)
 )
 # Shared side of the projection's lock first, then the partition's own: always in this
 # order (the subquery with OFFSET 0 is evaluated first and is never flattened), so a
@@ -1255,8 +1403,20 @@ class _Queries:
             # an open transaction read all the rows committed after it. Rows below the
             # horizon, then (inside a caller's transaction that has written) its own
             # rows, which sort after them since own >= xmin there.
-            readable = ev.c.transaction_id < _xid8("xmin")
-            own = ev.c.transaction_id == _xid8("own")
+            # While the projection is resharded (eventsource.reshard), no further than
+            # its boundary; otherwise the bound is the largest (transaction, position).
+            # Scalar bounds on the transaction id, not a row comparison: the index scan
+            # then starts at the tighter of it and the horizon (a backward scan given
+            # both as bounds it cannot compare would walk the rows waiting above it).
+            until = sa.and_(
+                ev.c.transaction_id <= _xid8("stop_tx"),
+                sa.or_(
+                    ev.c.transaction_id < _xid8("stop_tx"),
+                    ev.c.global_position <= sa.bindparam("stop_pos"),
+                ),
+            )
+            readable = sa.and_(ev.c.transaction_id < _xid8("xmin"), until)
+            own = sa.and_(ev.c.transaction_id == _xid8("own"), until)
             order = [ev.c.transaction_id, ev.c.global_position]
             newest = [column.desc() for column in order]
             self.batch = self._range(columns, ev.c.transaction_id, [after, readable], scope, order)
@@ -1289,7 +1449,10 @@ class _Queries:
                     ascending=False,
                 )
         else:
-            after = ev.c.global_position > sa.bindparam("ck_pos")
+            after = sa.and_(
+                ev.c.global_position > sa.bindparam("ck_pos"),
+                ev.c.global_position <= sa.bindparam("stop_pos"),
+            )
             zero = sa.literal(0, sa.BigInteger)
             order = [ev.c.global_position]
             self.batch = self._range(columns, zero, [after], scope, order)
@@ -1310,6 +1473,7 @@ class _Queries:
             self.blocked = sa.select(
                 sa.exists().where(
                     after,
+                    until,
                     ev.c.global_position <= sa.bindparam("target"),
                     # Inside a caller's transaction (tests, rebuilds), rows of its own and
                     # of newer transactions cannot become readable before it ends: they are
@@ -1323,10 +1487,17 @@ class _Queries:
         key = (ck.c.projection_name == sa.bindparam("name")) & (
             ck.c.partition_key == sa.bindparam("key")
         )
+        claims = tables.partition_claims
         checkpoint_columns: list[sa.ColumnElement[Any]] = [
             ck.c.total_partitions,
             ck.c.transaction_id,
             ck.c.global_position,
+            ck.c.stop_transaction_id,
+            ck.c.stop_global_position,
+            # The partition's claim (eventsource.claims), for a claimed partition's fence.
+            claims.c.owner,
+            claims.c.epoch,
+            claims.c.total_partitions,
         ]
         if self._is_pg:
             snapshot = sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot())
@@ -1355,7 +1526,17 @@ class _Queries:
             checkpoint_columns.append(
                 sa.func.current_setting("transaction_isolation") == "read committed"
             )
-        self._read_checkpoint = sa.select(*checkpoint_columns).where(key)
+        self._read_checkpoint = (
+            sa.select(*checkpoint_columns)
+            .select_from(
+                ck.outerjoin(
+                    claims,
+                    (claims.c.projection_name == ck.c.projection_name)
+                    & (claims.c.partition_key == ck.c.partition_key),
+                )
+            )
+            .where(key)
+        )
         # Where a worker stepping aside for a rebuild stands (an idle poll's result).
         self._peek_checkpoint = sa.select(ck.c.transaction_id, ck.c.global_position).where(key)
         # Two processes on the same projection partition queue on this lock instead of
@@ -1422,10 +1603,14 @@ class _Queries:
         *,
         lock: bool = True,
         yield_to_rebuild: bool = False,
+        fence: tuple[str, int] | None = None,
     ) -> _Checkpoint | None:
         """Lock the partition (shared lock on the projection first) and read its
         checkpoint; None when it has no checkpoint row. With ``yield_to_rebuild``,
-        raises ``_Rebuilding`` (having locked nothing) while an online rebuild runs."""
+        raises ``_Rebuilding`` (having locked nothing) while an online rebuild runs.
+        With ``fence`` (a claimed partition's owner and epoch), raises
+        PartitionLostError when the partition's claim has changed hands: claims change
+        only under the partition's lock, so it cannot change before the batch ends."""
         params = {"name": name, "key": config.partition_key}
         if lock and self._is_pg and yield_to_rebuild:
             space = {"lock_space": self._lock_space(name)}
@@ -1434,16 +1619,27 @@ class _Queries:
                 raise _Rebuilding(*((int(at[0]), int(at[1])) if at is not None else (0, 0)))
         elif lock and self._is_pg:
             session.execute(_BATCH_LOCK, {"lock_space": self._lock_space(name), **params})
-        row = session.execute(self._read_checkpoint, params).first()
-        if row is None:
+        found = session.execute(self._read_checkpoint, params).first()
+        if found is None:
             return None
-        if row[0] != config.total_partitions:
+        if found[0] != config.total_partitions:
             raise errors.PartitionCountChangedError(
                 f"projection {name!r} partition {config.partition_key} was checkpointed with "
-                f"total_partitions={row[0]}, this processor uses {config.total_partitions}"
+                f"total_partitions={found[0]}, this processor uses {config.total_partitions}"
             )
+        stop = None if found[3] is None else (int(found[3]), int(found[4]))
+        if fence is not None and (
+            (found[5], found[6], found[7]) != (fence[0], fence[1], config.total_partitions)
+        ):
+            raise errors.PartitionLostError(
+                f"projection {name!r} partition {config.partition_key}: this worker's lease "
+                f"(epoch {fence[1]}) passed to "
+                f"{'another worker' if found[5] else 'no one'} while it was paused, cut "
+                "off or late to renew it; nothing was committed, the new owner carries on"
+            )
+        row = (found[0], found[1], found[2], *found[8:])
         if not self._is_pg:
-            return _Checkpoint(int(row[1]), int(row[2]), None)
+            return _Checkpoint(int(row[1]), int(row[2]), None, stop=stop)
         own = int(row[4]) if row[4] is not None else None
         # The snapshot's xmax follows the last completed transaction; the caller's own
         # (tests, rebuilds) may be at or above it.
@@ -1467,6 +1663,7 @@ class _Queries:
             next_id=next_id,
             store_identity=str(row[8]),
             read_committed=bool(row[9]),
+            stop=stop,
         )
 
 

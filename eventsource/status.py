@@ -59,6 +59,17 @@ class ProjectionStatus:
     """PostgreSQL: part of the lag is committed events the partition cannot read yet,
     because a transaction that started before them is still open, anywhere on the
     server (:func:`blockers` names it). Nothing is lost: they are read once it ends."""
+    owner: str | None = None
+    """Claimed partitions (:mod:`eventsource.claims`): the worker holding the lease
+    (None: free, or not claimed)."""
+    lease_age_seconds: float | None = None
+    """Seconds since the owner last renewed its lease (it renews every third of it)."""
+    lease_expired: bool = False
+    """The owner stopped renewing (killed, paused, cut off): another worker takes the
+    partition over."""
+    reshard_boundary: int | None = None
+    """While the projection is resharded (:func:`eventsource.reshard`): the position the
+    partition stops at until the new partitions take over."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -203,6 +214,12 @@ def _status(
         after = ev.c.global_position > sa.bindparam("ck_pos", type_=sa.BigInteger)
     lag_query = sa.select(_capped(sa.select(sa.literal(1)).where(after), lag_cap))
 
+    from eventsource import claims  # it imports the processor, which imports this module
+
+    leases = {
+        (claim.projection, claim.partition_key, claim.total_partitions): claim
+        for claim in claims.partition_claims(conn, store=store)
+    }
     rows: list[ProjectionStatus] = []
     seen: set[str] = set()
     checkpoints = conn.execute(
@@ -214,6 +231,7 @@ def _status(
         lag, capped = _cap(counted, lag_cap)
         updated: datetime = row["updated_at"]
         seen.add(row["projection_name"])
+        lease = leases.get((row["projection_name"], row["partition_key"], row["total_partitions"]))
         rows.append(
             ProjectionStatus(
                 projection=row["projection_name"],
@@ -227,6 +245,10 @@ def _status(
                 age_seconds=max(0.0, (now - updated).total_seconds()),
                 lag_capped=capped,
                 held_back=waiting is not None and (tx, pos) < waiting,
+                owner=lease.owner if lease is not None else None,
+                lease_age_seconds=lease.lease_age_seconds if lease is not None else None,
+                lease_expired=lease.expired if lease is not None else False,
+                reshard_boundary=row["stop_global_position"],
             )
         )
     never_run: tuple[int, bool] | None = None
