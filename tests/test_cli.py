@@ -142,6 +142,10 @@ STATUS_KEYS = {
     "lag_capped",
     "held_back",
     "held_back_by",
+    "owner",
+    "lease_age_seconds",
+    "lease_expired",
+    "reshard_boundary",
 }
 
 
@@ -663,6 +667,55 @@ def run_until_signalled(engine: sa.Engine, app_dir: Path, signum: int) -> None:
     result = ok(finish(process))
     assert result.stderr.splitlines()[-1] == "stopped"
     assert_read_models_complete(engine)
+
+
+def test_identical_run_commands_share_the_partitions_and_status_names_their_owners(
+    db: sa.Engine, app_dir: Path
+) -> None:
+    """``run --total-partitions N`` without a key: the processes claim shares of N."""
+    append_events(db, 40)
+    args = ["run", "myapp:PROJECTIONS", "--total-partitions", "4", "--lease", "2"]
+    processes = [Call([*args, "--poll-interval", "0.05"], cli_url(db)).popen(app_dir)]
+    try:
+        wait_until(lambda: all(r.lag == 0 for r in status(db)) and len(status(db)) == 8, "catch-up")
+        processes.append(Call(args, cli_url(db)).popen(app_dir))
+
+        def owners() -> dict[str, int]:
+            return Counter(row.owner for row in status(db) if row.owner)  # type: ignore[return-value]
+
+        wait_until(lambda: sorted(owners().values()) == [4, 4], "two shares of 2 per projection")
+        shown = ok(cli(app_dir, "status", "--json", url=cli_url(db)))
+        assert {row["owner"] for row in status_json(shown).values()} == set(owners())
+        table = ok(cli(app_dir, "status", url=cli_url(db))).stdout
+        assert table.splitlines()[0].split()[-2:] == ["OWNER", "LEASE"]
+        append_events(db, 20, first_amount=41)
+        wait_until(lambda: all(r.lag == 0 for r in status(db)), "the new events")
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+    except BaseException:
+        for process in processes:
+            process.kill()
+            finish(process)
+        raise
+    for process in processes:
+        result = ok(finish(process))
+        assert "claiming shares of 4 partitions" in result.stderr
+    assert_read_models_complete(db)
+    assert {row.owner for row in status(db)} == {None}  # stopped workers release them
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--claim", "--partition-key", "0"], "drop --partition-key"),
+        (["--claim", "--until-caught-up"], "does not claim"),
+    ],
+)
+def test_run_refuses_claiming_with_a_fixed_key_or_a_catch_up(
+    sqlite_url: sa.URL, app_dir: Path, extra: list[str], message: str
+) -> None:
+    args = ["run", "myapp:PROJECTIONS", "--total-partitions", "2", *extra]
+    assert_clean_error(cli(app_dir, *args, url=url_text(sqlite_url)), 2, message)
 
 
 def test_run_stops_gracefully_on_sigint(db: sa.Engine, app_dir: Path) -> None:
