@@ -863,7 +863,15 @@ class Processor:
         key = (dialect, projection.aggregate_types, projection.bounded_contexts)
         queries = self._queries.get(key)
         if queries is None:
-            queries = _Queries(self.store.tables, dialect, projection, self.config)
+            claims = has_claims_schema(session.connection(), self.store.tables)
+            if not claims and (self.config.claim or self.fence is not None):
+                raise errors.SchemaMissingError(
+                    "claimed partitions need the library's migration es0006, which this "
+                    f"database lacks ({self.store.tables.names.partition_claims} is "
+                    "missing): run `eventsource db upgrade` (or `alembic upgrade head`, "
+                    "or eventsource.upgrade(engine)) first"
+                )
+            queries = _Queries(self.store.tables, dialect, projection, self.config, claims)
             self._queries[key] = queries
         return queries
 
@@ -1183,6 +1191,11 @@ def lock_projection(
     _take_lock(conn, _EXCLUSIVE_LOCK, name, store, timeout, busy)
 
 
+def has_claims_schema(connection: sa.Connection, tables: models.Tables) -> bool:
+    """Whether the store has migration es0006 (claims, and the reshard boundary)."""
+    return sa.inspect(connection).has_table(tables.names.partition_claims)
+
+
 def lock_projection_shared(
     connection: sa.Connection | Session, name: str, *, store: EventStore | None = None
 ) -> None:
@@ -1369,6 +1382,7 @@ class _Queries:
         dialect: str,
         projection: Projection,
         config: ProcessorConfig,
+        claims_schema: bool = True,
     ) -> None:
         self.dialect = dialect
         ev = tables.events
@@ -1488,16 +1502,26 @@ class _Queries:
             ck.c.partition_key == sa.bindparam("key")
         )
         claims = tables.partition_claims
+        # A store not yet at es0006 has no boundary and no claims: unclaimed processors
+        # run on it as before (upgrades need no particular order).
+        none = [sa.null()] * 5
         checkpoint_columns: list[sa.ColumnElement[Any]] = [
             ck.c.total_partitions,
             ck.c.transaction_id,
             ck.c.global_position,
-            ck.c.stop_transaction_id,
-            ck.c.stop_global_position,
-            # The partition's claim (eventsource.claims), for a claimed partition's fence.
-            claims.c.owner,
-            claims.c.epoch,
-            claims.c.total_partitions,
+            *(
+                [
+                    ck.c.stop_transaction_id,
+                    ck.c.stop_global_position,
+                    # The partition's claim (eventsource.claims), for a claimed
+                    # partition's fence.
+                    claims.c.owner,
+                    claims.c.epoch,
+                    claims.c.total_partitions,
+                ]
+                if claims_schema
+                else none
+            ),
         ]
         if self._is_pg:
             snapshot = sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot())
@@ -1526,16 +1550,13 @@ class _Queries:
             checkpoint_columns.append(
                 sa.func.current_setting("transaction_isolation") == "read committed"
             )
+        joined = ck.outerjoin(
+            claims,
+            (claims.c.projection_name == ck.c.projection_name)
+            & (claims.c.partition_key == ck.c.partition_key),
+        )
         self._read_checkpoint = (
-            sa.select(*checkpoint_columns)
-            .select_from(
-                ck.outerjoin(
-                    claims,
-                    (claims.c.projection_name == ck.c.projection_name)
-                    & (claims.c.partition_key == ck.c.partition_key),
-                )
-            )
-            .where(key)
+            sa.select(*checkpoint_columns).select_from(joined if claims_schema else ck).where(key)
         )
         # Where a worker stepping aside for a rebuild stands (an idle poll's result).
         self._peek_checkpoint = sa.select(ck.c.transaction_id, ck.c.global_position).where(key)

@@ -215,15 +215,28 @@ def _status(
     lag_query = sa.select(_capped(sa.select(sa.literal(1)).where(after), lag_cap))
 
     from eventsource import claims  # it imports the processor, which imports this module
+    from eventsource.processor import has_claims_schema
 
+    # A store not yet at es0006 (upgrades need no particular order) has no claims.
+    reshardable = has_claims_schema(conn, store.tables)
     leases = {
         (claim.projection, claim.partition_key, claim.total_partitions): claim
-        for claim in claims.partition_claims(conn, store=store)
+        for claim in (claims.partition_claims(conn, store=store) if reshardable else [])
     }
     rows: list[ProjectionStatus] = []
     seen: set[str] = set()
+    columns = [
+        ck.c.projection_name,
+        ck.c.partition_key,
+        ck.c.total_partitions,
+        ck.c.transaction_id,
+        ck.c.global_position,
+        ck.c.events_handled,
+        ck.c.updated_at,
+        (ck.c.stop_global_position if reshardable else sa.null()).label("stop_global_position"),
+    ]
     checkpoints = conn.execute(
-        sa.select(ck).order_by(ck.c.projection_name, ck.c.partition_key)
+        sa.select(*columns).order_by(ck.c.projection_name, ck.c.partition_key)
     ).mappings()
     for row in checkpoints.all():
         tx, pos = int(row["transaction_id"]), int(row["global_position"])

@@ -54,15 +54,18 @@ LIBRARY_TABLES = {
     "events_cluster",
     "events_dead_letters",
     "events_projection_versions",
+    "events_partition_claims",
+    "events_partition_workers",
 }
 VERSION_TABLE = "eventsource_alembic_version"
-HEAD = "es0005"
+HEAD = "es0006"
 REVISION_TITLES = {
     "es0001": "Initial schema",
     "es0002": "Cluster record",
     "es0003": "Dead letters",
     "es0004": "Projection versions",
     "es0005": "Store horizon",
+    "es0006": "Claimed partitions and resharding",
 }
 
 
@@ -111,6 +114,7 @@ def test_alembic_upgrade_head_in_the_repository(empty_engine: sa.Engine) -> None
         "INFO  [alembic.runtime.migration] Running upgrade es0002 -> es0003, " + _title("es0003"),
         "INFO  [alembic.runtime.migration] Running upgrade es0003 -> es0004, " + _title("es0004"),
         "INFO  [alembic.runtime.migration] Running upgrade es0004 -> es0005, " + _title("es0005"),
+        "INFO  [alembic.runtime.migration] Running upgrade es0005 -> es0006, " + _title("es0006"),
     ]
     assert table_names(empty_engine) == LIBRARY_TABLES | {VERSION_TABLE}
     assert database.current_revision(empty_engine) == HEAD
@@ -149,6 +153,7 @@ def test_alembic_upgrade_defaults_to_the_sqlite_file_in_the_working_directory(
     )
     assert done.returncode == 0, done.stderr
     assert "Running upgrade es0004 -> es0005" in done.stderr
+    assert "Running upgrade es0005 -> es0006" in done.stderr
     engine = es.create_engine(f"sqlite:///{tmp_path / 'eventsource.db'}", poolclass=sa.NullPool)
     try:
         assert table_names(engine) == LIBRARY_TABLES | {VERSION_TABLE}
@@ -235,7 +240,7 @@ def test_alembic_revision_writes_into_the_versions_folder(tmp_path: Path) -> Non
     [new] = [path for path in versions.iterdir() if path.name.startswith("es9999")]
     text = new.read_text()
     assert '"""add something' in text
-    assert "down_revision: str | Sequence[str] | None = 'es0005'" in text
+    assert "down_revision: str | Sequence[str] | None = 'es0006'" in text
     compile(text, str(new), "exec")
     assert ScriptDirectory.from_config(config).get_heads() == ["es9999"]
 
@@ -285,6 +290,7 @@ def test_offline_sql_creates_a_working_schema(empty_pg_url: sa.URL) -> None:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             conn.exec_driver_sql(script.stdout)
         assert database.current_revision(engine) == HEAD
+        assert table_names(engine) == LIBRARY_TABLES | {VERSION_TABLE}
         store = es.EventStore()
         with engine.begin() as conn:
             store.append(

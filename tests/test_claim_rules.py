@@ -256,3 +256,19 @@ def test_a_claim_waits_for_the_batch_in_hand_which_commits_before_it(
     with pytest.raises(es.PartitionLostError):
         stale.process_batch(LogA())
     assert len(applied(engine, "log_a")) == 3
+
+
+def test_a_store_before_es0006_runs_unclaimed_projections_and_refuses_claims_clearly(
+    empty_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """Upgrades need no particular order: new code on a store at es0005 projects as
+    before; only claiming asks for the migration."""
+    engine = empty_engine
+    es.upgrade(engine, "es0005")
+    create_applied_table(engine)
+    append_spread(engine, store, 10)
+    wait_readable(engine)
+    assert processor(engine, total_partitions=2, partition_key=1).run_until_caught_up(LogA()) > 0
+    assert [row.owner for row in es_status(engine)] == [None]
+    with pytest.raises(es.SchemaMissingError, match="es0006"):
+        claiming(engine, "w1").run(LogA(), handle_signals=False)

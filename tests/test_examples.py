@@ -558,7 +558,7 @@ def test_app_with_alembic(target: Target) -> None:
     output = target.run("app_with_alembic/main.py")
     assert (
         "applied revisions: app0001 (app), es0001 (eventsource), es0002 (eventsource), "
-        "es0003 (eventsource), es0004 (eventsource), es0005 (eventsource)"
+        "es0003 (eventsource), es0004 (eventsource), es0005 (eventsource), es0006 (eventsource)"
     ) in output
     assert "Tickets: 2 open, 1 closed" in output
     output = target.run("app_with_alembic/main.py")
@@ -567,7 +567,7 @@ def test_app_with_alembic(target: Target) -> None:
     # One version table, the application's, holding its head and the library's (which its
     # first revision depends on; the library's later revisions are heads of their own).
     versions = sorted(v for (v,) in target.rows("SELECT version_num FROM alembic_version"))
-    assert versions == ["app0001", "es0005"]
+    assert versions == ["app0001", "es0006"]
     tables = set(sa.inspect(target.engine).get_table_names())
     assert {"events", "aggregate_heads", "projection_checkpoints"} <= tables
     assert {"app_tickets", "app_agent_workload"} <= tables

@@ -27,11 +27,19 @@ LIBRARY_TABLES = {
     "events_cluster",
     "events_dead_letters",
     "events_projection_versions",
+    "events_partition_claims",
+    "events_partition_workers",
 }
 #: The library's tables at its first revision.
-AT_ES0001 = LIBRARY_TABLES - {"events_cluster", "events_dead_letters", "events_projection_versions"}
+AT_ES0001 = LIBRARY_TABLES - {
+    "events_cluster",
+    "events_dead_letters",
+    "events_projection_versions",
+    "events_partition_claims",
+    "events_partition_workers",
+}
 #: The newest revision the library ships.
-HEAD = "es0005"
+HEAD = "es0006"
 VERSION_TABLE = "eventsource_alembic_version"
 CUSTOM_NAMES = models.TableNames(
     events="app_events",
@@ -125,6 +133,8 @@ def test_models_equal_migrations(empty_engine: sa.Engine) -> None:
         "app_events_cluster",
         "app_events_dead_letters",
         "app_events_projection_versions",
+        "app_events_partition_claims",
+        "app_events_partition_workers",
         VERSION_TABLE,
         custom_version_table,
     }
@@ -167,9 +177,13 @@ def test_cluster_record_revision_steps_on_a_store_in_use(empty_engine: sa.Engine
 
 def test_dead_letters_revision_steps_on_a_store_in_use(empty_engine: sa.Engine) -> None:
     """es0003 adds (and its downgrade removes) only the dead-letter table."""
-    before = (LIBRARY_TABLES - {"events_dead_letters", "events_projection_versions"}) | {
-        VERSION_TABLE
+    later = {  # the tables of es0003 and the revisions after it
+        "events_dead_letters",
+        "events_projection_versions",
+        "events_partition_claims",
+        "events_partition_workers",
     }
+    before = (LIBRARY_TABLES - later) | {VERSION_TABLE}
     es.upgrade(empty_engine, "es0002")
     assert table_names(empty_engine) == before
     store = es.EventStore()

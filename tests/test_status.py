@@ -74,6 +74,10 @@ def test_rows_are_typed_and_lag_is_exact(engine: sa.Engine, store: es.EventStore
         "age_seconds": 90.0,
         "lag_capped": False,
         "held_back": False,
+        "owner": None,
+        "lease_age_seconds": None,
+        "lease_expired": False,
+        "reshard_boundary": None,
     }
 
     assert processor(engine, store).run_until_caught_up(LogA()) == 5

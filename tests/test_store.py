@@ -853,6 +853,8 @@ def test_custom_table_names(empty_engine: sa.Engine) -> None:
         "x_events_cluster",
         "x_events_dead_letters",
         "x_events_projection_versions",
+        "x_events_partition_claims",
+        "x_events_partition_workers",
         "eventsource_alembic_version_x_events",  # its own revision
     }
     store = es.EventStore(table_names=CUSTOM_NAMES)

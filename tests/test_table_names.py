@@ -74,6 +74,8 @@ def test_names_that_would_exceed_63_bytes_are_refused() -> None:
         ("projection_checkpoints", 7),
         ("cluster", "a\x00b"),
         ("dead_letters", "   "),
+        ("partition_claims", "   "),
+        ("partition_workers", None),
         ("events", "\ud800"),
     ],
 )
@@ -83,12 +85,16 @@ def test_names_must_be_non_empty_text(field: str, value: object) -> None:
 
 
 def test_names_must_differ() -> None:
-    with pytest.raises(es.ConfigurationError, match="6 different tables"):
+    with pytest.raises(es.ConfigurationError, match="8 different tables"):
         models.TableNames(events="t", aggregate_heads="t")
-    with pytest.raises(es.ConfigurationError, match="6 different tables"):
+    with pytest.raises(es.ConfigurationError, match="8 different tables"):
         models.TableNames(cluster="events")
-    with pytest.raises(es.ConfigurationError, match="6 different tables"):
+    with pytest.raises(es.ConfigurationError, match="8 different tables"):
         models.TableNames(dead_letters="events_cluster")
+    with pytest.raises(es.ConfigurationError, match="8 different tables"):
+        models.TableNames(partition_claims="events_projection_versions")
+    with pytest.raises(es.ConfigurationError, match="8 different tables"):
+        models.TableNames(partition_workers="events_partition_claims")
 
 
 def test_a_percent_sign_in_names_migrates_and_round_trips(empty_engine: sa.Engine) -> None:
@@ -101,6 +107,8 @@ def test_a_percent_sign_in_names_migrates_and_round_trips(empty_engine: sa.Engin
         "ev%ents_cluster",
         "ev%ents_dead_letters",
         "ev%ents_projection_versions",
+        "ev%ents_partition_claims",
+        "ev%ents_partition_workers",
         "eventsource_alembic_version_ev%ents",
     }
     assert database.current_revision(empty_engine, table_names=ODD) == database.head_revision()

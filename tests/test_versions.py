@@ -189,7 +189,7 @@ def test_the_versions_table_is_named_after_the_events_table() -> None:
     custom = models.TableNames(events="app_events")
     assert custom.projection_versions == "app_events_projection_versions"
     assert models.TableNames(events="a", projection_versions="mine").projection_versions == "mine"
-    with pytest.raises(es.ConfigurationError, match="6 different tables"):
+    with pytest.raises(es.ConfigurationError, match="8 different tables"):
         models.TableNames(projection_versions="events")
 
 
