@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -37,7 +38,7 @@ def applied_engine(engine: sa.Engine) -> sa.Engine:
     return engine
 
 
-def claiming(engine: sa.Engine, worker: str, total: int = 4, **config: object) -> es.Processor:
+def claiming(engine: sa.Engine, worker: str, total: int = 4, **config: Any) -> es.Processor:
     config.setdefault("lease", 1.0)
     proc = processor(engine, total_partitions=total, claim=True, **config)
     proc.worker_id = worker

@@ -10,6 +10,7 @@ committed by a worker that no longer owned its partition.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -94,7 +95,7 @@ class Worker:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        self.id = wait_for(self._read_id, what=f"worker id in {log}")
+        self.id = str(wait_for(self._read_id, what=f"worker id in {log}"))
 
     def _read_id(self) -> str | None:
         for line in self.log.read_text().splitlines():
@@ -186,7 +187,7 @@ def drain_and_check(engine: sa.Engine, writer: Writer) -> None:
     def caught_up() -> bool:
         with engine.connect() as conn:
             count = conn.execute(sa.text("SELECT count(DISTINCT global_position) FROM claimed_log"))
-            return count.scalar_one() == total
+            return bool(count.scalar_one() == total)
 
     wait_for(caught_up, what="the workers to handle every event")
     assert_exactly_once_in_order(engine)
@@ -290,7 +291,7 @@ def test_reshard_12_to_5_to_16_under_load(
         for new in (5, 16):
             result = es.reshard(engine, NAME, new, timeout=60)
             assert (result.to_partitions, result.projection) == (new, NAME)
-            wait_for(lambda n=new: shares(engine, live, n), what=f"shares of {new}")
+            wait_for(functools.partial(shares, engine, live, new), what=f"shares of {new}")
             time.sleep(0.5)
         with engine.connect() as conn:
             totals = conn.execute(

@@ -681,7 +681,7 @@ def test_identical_run_commands_share_the_partitions_and_status_names_their_owne
         processes.append(Call(args, cli_url(db)).popen(app_dir))
 
         def owners() -> dict[str, int]:
-            return Counter(row.owner for row in status(db) if row.owner)  # type: ignore[return-value]
+            return Counter(row.owner for row in status(db) if row.owner)
 
         wait_until(lambda: sorted(owners().values()) == [4, 4], "two shares of 2 per projection")
         shown = ok(cli(app_dir, "status", "--json", url=cli_url(db)))
