@@ -159,6 +159,9 @@ def run_claimed(processor: Processor, projection: Projection) -> None:
             "claim=True needs a Processor on an Engine (or a sessionmaker bound to one): "
             "claimed partitions commit their own batches and leases"
         )
+    from eventsource.runner import ProjectionRunner, _check_pool_sizes  # it imports processor
+
+    _check_pool_sizes([ProjectionRunner(projection, processor)])
     _Coordinator(processor, projection).run()
 
 

@@ -577,7 +577,8 @@ def run_command(
                 "processor; the app's (projection, processor) pairs keep their own config",
                 err=True,
             )
-    engine = ctx.engine(pool_size=max(5, len(needs_processors) * total_partitions + 2))
+    # A claiming processor may run every partition at once, beside its coordinator.
+    engine = ctx.engine(pool_size=max(5, len(needs_processors) * (total_partitions + 1) + 1))
     store = EventStore()
     pairs: list[ProjectionRunner] = []
     for item in defined:

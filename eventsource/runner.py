@@ -115,7 +115,7 @@ class Runner:
             threading.Thread(
                 target=target,
                 args=(pair,),
-                name=f"eventsource:{pair.projection.name}:{pair.processor.config.partition_key}",
+                name=_thread_name(pair),
                 daemon=True,
             )
             for pair in runners
@@ -216,15 +216,24 @@ def validate_pairs(pairs: Iterable[Pair]) -> list[ProjectionRunner]:
     return runners
 
 
+def _thread_name(pair: ProjectionRunner) -> str:
+    config = pair.processor.config
+    which = "claims" if config.claim else str(config.partition_key)
+    return f"eventsource:{pair.projection.name}:{which}"
+
+
 def _check_pool_sizes(runners: list[ProjectionRunner]) -> None:
-    """Each processor holds one connection per batch: the pool must have room for all."""
+    """Each processor holds one connection per batch, a claiming one up to one per
+    partition plus its coordinator's: the pool must have room for all."""
     per_engine: dict[int, tuple[sa.Engine, int]] = {}
     for pair in runners:
         engine = pair.processor.engine
         if engine is None:
             continue
+        config = pair.processor.config
+        needs = config.total_partitions + 1 if config.claim else 1
         _, count = per_engine.get(id(engine), (engine, 0))
-        per_engine[id(engine)] = (engine, count + 1)
+        per_engine[id(engine)] = (engine, count + needs)
     for engine, count in per_engine.values():
         pool = engine.pool
         if not isinstance(pool, sa.pool.QueuePool):
@@ -235,7 +244,9 @@ def _check_pool_sizes(runners: list[ProjectionRunner]) -> None:
         capacity = pool.size() + overflow
         if count > capacity:
             raise errors.ConfigurationError(
-                f"{count} processors share an engine whose pool holds at most {capacity} "
-                f"connections (pool_size={pool.size()}, max_overflow={overflow}); they would "
-                f"wait on each other. Create the engine with pool_size >= {count}."
+                f"processors that may hold {count} connections at once (a claiming one "
+                "counts each of its partitions and its coordinator) share an engine whose "
+                f"pool holds at most {capacity} (pool_size={pool.size()}, "
+                f"max_overflow={overflow}); they would wait on each other. Create the "
+                f"engine with pool_size >= {count}."
             )

@@ -273,3 +273,14 @@ def test_a_store_before_es0006_runs_unclaimed_projections_and_refuses_claims_cle
     assert [row.owner for row in es_status(engine)] == [None]
     with pytest.raises(es.SchemaMissingError, match="es0006"):
         claiming(engine, "w1").run(LogA(), handle_signals=False)
+
+
+def test_a_pool_too_small_for_every_claimed_partition_is_refused(db_url: sa.URL) -> None:
+    engine = es.create_engine(db_url, pool_size=3, max_overflow=0)
+    try:
+        with pytest.raises(es.ConfigurationError, match="pool_size >= 5"):
+            claiming(engine, "w1", total=4).run(LogA(), handle_signals=False)
+        with pytest.raises(es.ConfigurationError, match="pool_size >= 5"):
+            es.Runner(handle_signals=False).run([(LogA(), claiming(engine, "w1", total=4))])
+    finally:
+        engine.dispose()
