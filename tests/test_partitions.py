@@ -175,7 +175,9 @@ def test_changing_the_partition_count_is_refused(engine: sa.Engine, store: es.Ev
     message = str(info.value)
     assert "total_partitions=[4]" in message
     assert "total_partitions=2" in message
-    assert "Start it with the old count, or rebuild it" in message
+    assert "Start it with the old count" in message
+    assert "eventsource reshard log_a --total-partitions 2" in message
+    assert "eventsource rebuild log_a" in message
     assert "eventsource reset log_a" in message
     assert isinstance(info.value, es.ConfigurationError)
 
