@@ -279,8 +279,7 @@ class _Coordinator:
         mine = sorted(self.running)
         if len(mine) > share:
             extra = mine[share:]
-            self._stop_partitions(extra)
-            self._release(extra)
+            self._stop_partitions(extra, release=True)
             logger.info(
                 "projection %s: worker %s released partitions %s (its share is %d of %d, "
                 "%d worker(s))",
@@ -365,14 +364,35 @@ class _Coordinator:
                 self.failures.append(exc)
             self.parent.stop()
 
-    def _stop_partitions(self, keys: Iterable[int]) -> None:
-        """Stop these partitions' processors; each commits its batch in hand first."""
+    def _stop_partitions(self, keys: Iterable[int], *, release: bool = False) -> None:
+        """Stop these partitions' processors; each commits its batch in hand first. With
+        ``release``, each partition is released as soon as its processor has stopped.
+
+        A batch may outlast the lease: meanwhile the leases are renewed, so the wait
+        costs this worker none of its other partitions, and a partition stopped at once
+        does not wait for a slow one to be released."""
         stopping = [self.running.pop(key) for key in keys if key in self.running]
         for partition in stopping:
             partition.processor.stop()
-        for partition in stopping:
-            assert partition.thread is not None
-            partition.thread.join()
+        while stopping:
+            for partition in list(stopping):
+                assert partition.thread is not None
+                partition.thread.join(0.01)
+                if not partition.thread.is_alive():
+                    stopping.remove(partition)
+                    if release:
+                        self._release([partition.key])
+            if not stopping:
+                break
+            stopping[0].thread.join(self.lease / 3)  # type: ignore[union-attr]
+            if any(p.thread is not None and p.thread.is_alive() for p in stopping):
+                try:
+                    with self._transaction() as session:
+                        now = _db_now(session.connection())
+                        self._renew_member(session, now)
+                        self._renew_claims(session, now)
+                except sa.exc.DBAPIError as exc:  # the next heartbeat retries
+                    logger.debug("could not renew while stopping: %s", exc)
 
     def _adopt(self, total: int) -> None:
         """The checkpoints now use ``total`` partitions (a reshard, or a rebuild)."""
@@ -390,6 +410,29 @@ class _Coordinator:
         self._leave(member=False)
         self.total = total
         self.fields["total_partitions"] = total
+        from eventsource.runner import ProjectionRunner, _check_pool_sizes
+
+        try:
+            _check_pool_sizes(
+                [
+                    ProjectionRunner(
+                        self.projection,
+                        Processor(
+                            self.parent._sessions,
+                            self.parent.store,
+                            dataclasses.replace(self.parent.config, total_partitions=total),
+                        ),
+                    )
+                ]
+            )
+        except errors.ConfigurationError as exc:
+            logger.warning(
+                "projection %s: %s. Until the engine is made larger, batches may wait for "
+                "connections",
+                self.name,
+                exc,
+                extra=self.fields,
+            )
 
     # -- statements -----------------------------------------------------------------
 

@@ -816,7 +816,8 @@ def rebuild_command(
     type=click.FloatRange(min=0, min_open=True),
     default=DEFAULT_TIMEOUT,
     show_default=True,
-    help="Seconds to wait for the old partitions to reach the boundary; past it nothing changes.",
+    help="Seconds the old partitions may go without moving towards the boundary; then "
+    "nothing changes.",
 )
 @click.option(
     "--wait",
@@ -857,9 +858,16 @@ def reshard_command(
     if total_partitions is None:
         raise click.UsageError("pass --total-partitions N (or --cancel)")
     target: str | Projection = name
+    config = None
     if app_spec:
-        target = _find(load_app(app_spec), name)
+        defined = load_app(app_spec)
+        target = _find(defined, name)
         name = target.checkpoint_name
+        # The app's own processor settings (its partition strategy above all), if any.
+        config = next(
+            (i.processor.config for i in defined if i.projection is target and i.processor),
+            None,
+        )
     _confirm(
         yes, f"Reshard projection {name!r} to {total_partitions} partitions on {ctx.describe()}?"
     )
@@ -868,7 +876,7 @@ def reshard_command(
         f"resharding {name}: waiting for every old partition to reach the boundary", err=True
     )
     with _database_errors(ctx):
-        done = reshard(engine, target, total_partitions, timeout=timeout, wait=wait)
+        done = reshard(engine, target, total_partitions, timeout=timeout, wait=wait, config=config)
     click.echo(
         f"resharded {name}: {done.from_partitions} -> {done.to_partitions} partitions at "
         f"position {done.boundary_position} (transaction {done.boundary_transaction_id}) "

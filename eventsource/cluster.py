@@ -308,6 +308,19 @@ def _rebase_published_horizon(conn: sa.Connection, names: models.TableNames, nex
     )
 
 
+def _cancel_reshards(conn: sa.Connection, tables: models.Tables) -> None:
+    """A reshard's boundary holds ids of the cluster that set it: rebased, they would no
+    longer mean that point. Its reshard is cancelled (run it again afterwards)."""
+    if not sa.inspect(conn).has_table(tables.names.partition_claims):  # before es0006
+        return
+    ck = tables.projection_checkpoints
+    conn.execute(
+        ck.update()
+        .where(ck.c.stop_global_position.is_not(None))
+        .values(stop_transaction_id=None, stop_global_position=None)
+    )
+
+
 def _rebase(conn: sa.Connection, tables: models.Tables) -> RebaseResult:
     s = _statements(tables.names)
     conn.execute(s.lock_checkpoints)
@@ -330,6 +343,7 @@ def _rebase(conn: sa.Connection, tables: models.Tables) -> RebaseResult:
         params = {"cs": plan.checkpoint_ids, "last": plan.last}
         events = conn.execute(s.rebase_events, params).rowcount
         checkpoints = conn.execute(s.rebase_checkpoints, params).rowcount
+        _cancel_reshards(conn, tables)
     heads = conn.execute(s.rebase_heads, {"next": next_id}).rowcount
     after = conn.execute(s.rebase_state, s.state_params).one()
     left = max(_int(after.events_max), _int(after.heads_max), _int(after.checkpoints_max))

@@ -429,10 +429,27 @@ class Processor:
         try:
             with self._sessions() as session, session.begin():
                 queries = self._queries_for(session, projection)
+                if self.config.claim and self._all_in_place(session, projection):
+                    # Nothing to create: a claiming worker that joins does not queue for
+                    # the exclusive lock (behind a long or paused batch, holding up
+                    # every batch of the projection meanwhile).
+                    cluster.check(session.connection(), self.store.tables)
+                    return
                 self._ensure_checkpoint(session, queries, projection)
         except sa.exc.DBAPIError as exc:  # a database never migrated fails fast, clearly
             database.raise_if_schema_missing(exc, self.store.tables.names, own_statement=True)
             raise
+
+    def _all_in_place(self, session: Session, projection: Projection) -> bool:
+        """Every partition has its checkpoint, all with this processor's count."""
+        table = self.store.tables.projection_checkpoints
+        rows = session.execute(
+            sa.select(table.c.partition_key, table.c.total_partitions).where(
+                table.c.projection_name == projection.checkpoint_name
+            )
+        ).all()
+        total = self.config.total_partitions
+        return {(int(k), int(t)) for k, t in rows} == {(k, total) for k in range(total)}
 
     def _ensure_checkpoint(
         self, session: Session, queries: _Queries, projection: Projection

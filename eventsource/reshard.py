@@ -24,18 +24,23 @@ order, so per-aggregate order holds across it. Claiming workers adopt the new co
 their next heartbeat; workers started with a fixed ``--partition-key`` stop with
 PartitionCountChangedError (restart them with the new count).
 
-If the old partitions do not all reach ``B`` within ``timeout`` (no worker runs some
-of them), the boundary is removed again and :class:`~eventsource.errors.ReshardError`
+If the old partitions stop moving towards ``B`` for ``timeout`` seconds (no worker runs
+some of them), the boundary is removed again and :class:`~eventsource.errors.ReshardError`
 raised: nothing changed, the projection runs on with its old count. A reshard killed
 before the switch leaves the boundary set (``eventsource status`` shows it): run it
 again to finish, or :func:`cancel_reshard`.
 
 The dead letters' new partitions follow :class:`~eventsource.HashPartitionStrategy`, the
-one the partition filters of the store's SQL use.
+one the partition filters of the store's SQL use. A projection partitioned by a custom
+:class:`~eventsource.PartitionStrategy` whose dead letters park aggregates
+(``QUARANTINE_AGGREGATE``) should have none parked when it is resharded: retry or
+discard them first, or the parked aggregate's later events may be applied by another
+partition before its parked ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -93,15 +98,19 @@ def reshard(
     timeout: float = DEFAULT_TIMEOUT,
     wait: float | None = None,
     poll_interval: float = 0.1,
+    config: ProcessorConfig | None = None,
 ) -> ReshardResult:
     """Change ``projection``'s partition count to ``total_partitions``, exactly once.
 
     ``projection`` is its name (``checkpoint_name``: ``"orders@v2"`` for a version), and
     its workers bring the old partitions to the boundary; or the Projection itself, and
     this call also runs the partitions that lag (so it works with no worker running).
-    ``timeout`` bounds that wait (then ReshardError, nothing changed); ``wait`` bounds
+    ``timeout`` bounds how long they may go without moving towards the boundary (then
+    ReshardError, nothing changed: a long catch-up that progresses is no stall); ``wait`` bounds
     each wait for the projection's lock (then ProjectionBusyError). Safe to run while
-    workers run, and again after an interrupted run.
+    workers run, and again after an interrupted run. ``config`` is the workers'
+    ProcessorConfig, whose settings (partition strategy, batch size, horizon) the
+    partitions run here use: give it when they are not the defaults.
     """
     started = time.monotonic()
     total = _check_count(total_partitions)
@@ -113,6 +122,8 @@ def reshard(
     database.require_configured(engine, what="reshard")
     store = store if store is not None else EventStore()
     name, runs = _name_of(projection)
+    if config is not None and not isinstance(config, ProcessorConfig):
+        raise errors.ConfigurationError(f"config must be a ProcessorConfig, got {config!r}")
     sessions = sessionmaker(read_committed(engine), expire_on_commit=False)
     with sessions() as session, session.begin():
         begun = _set_boundary(session, store, name, total, wait)
@@ -130,7 +141,9 @@ def reshard(
         extra={"projection": name, "from_partitions": old, "to_partitions": total},
     )
     try:
-        _catch_up(engine, sessions, store, name, old, boundary, runs, timeout, poll_interval)
+        _catch_up(
+            engine, sessions, store, name, old, boundary, runs, config, timeout, poll_interval
+        )
         with sessions() as session, session.begin():
             _switch(session, store, name, old, total, boundary, wait)
     except BaseException:
@@ -295,32 +308,49 @@ def _catch_up(
     old: int,
     boundary: tuple[int, int],
     projection: Projection | None,
+    config: ProcessorConfig | None,
     timeout: float,
     poll_interval: float,
 ) -> None:
     """Wait until every old partition stands on the boundary (running the lagging ones
     when the projection was given)."""
     deadline = time.monotonic() + timeout
+    seen: dict[int, tuple[int, int]] = {}
     while True:
         with sessions() as session:
             rows = _rows(session, store, name)
         _check_unchanged(rows, name, old, boundary)
+        now = {row.key: row.at for row in rows}
+        if now != seen:  # progress: a long catch-up is not a stall
+            seen = now
+            deadline = time.monotonic() + timeout
+        past = [row.key for row in rows if row.at > boundary]
+        if past:
+            raise errors.ReshardError(
+                f"projection {name!r}: partitions {', '.join(map(str, past))} moved past the "
+                "boundary: a worker that does not know reshard boundaries runs them (one "
+                "started before `eventsource db upgrade` to es0006, or of an older version "
+                "of eventsource). Restart or upgrade it, then reshard again. Nothing changed."
+            )
         behind = [row.key for row in rows if row.at != boundary]
         if not behind:
             return
         if projection is not None:
+            template = config if config is not None else ProcessorConfig()
             for key in behind:
-                config = ProcessorConfig(partition_key=key, total_partitions=old)
-                Processor(engine, store, config).run_until_caught_up(projection)
-            continue
+                own = dataclasses.replace(
+                    template, claim=False, partition_key=key, total_partitions=old
+                )
+                Processor(engine, store, own).run_until_caught_up(projection)
         if time.monotonic() >= deadline:
             raise errors.ReshardError(
                 f"projection {name!r}: partitions {', '.join(map(str, behind))} of {old} did "
-                f"not reach the boundary within {timeout:g} s. Are their workers running? "
+                f"not move towards the boundary for {timeout:g} s. Are their workers running? "
                 "(Or pass the projection itself, eventsource reshard --app, to run them "
                 f"here.) Nothing changed: it runs on with {old} partitions."
             )
-        time.sleep(poll_interval)
+        if projection is None:
+            time.sleep(poll_interval)
 
 
 def _check_unchanged(rows: list[_Row], name: str, old: int, boundary: tuple[int, int]) -> None:

@@ -15,16 +15,19 @@ from sqlalchemy.orm import Session, sessionmaker
 import eventsource as es
 from eventsource import claims
 from eventsource.claims import fair_share
+from eventsource.partition import fnv1a_32
 from eventsource.status import ProjectionStatus, status
 from tests.projection_support import (
     AppliedLog,
     Background,
     LogA,
     all_events,
+    append,
     append_spread,
     applied,
     assert_versions_in_order,
     create_applied_table,
+    event,
     processor,
     reader,
     wait_readable,
@@ -284,3 +287,46 @@ def test_a_pool_too_small_for_every_claimed_partition_is_refused(db_url: sa.URL)
             es.Runner(handle_signals=False).run([(LogA(), claiming(engine, "w1", total=4))])
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_worker_joining_while_a_batch_is_paused_holds_up_no_other_partition(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """The paused batch's partition waits; the joining worker and every other partition
+    go on (a join must not queue for the projection's exclusive lock behind it)."""
+    engine = pg_engine
+    create_applied_table(engine)
+    total, paused_key = 4, fnv1a_32("paused") % 4
+    others = [f"o{i}" for i in range(200) if fnv1a_32(f"o{i}") % total != paused_key][:30]
+    gate, entered = threading.Event(), threading.Event()
+
+    class Pausing(AppliedLog):
+        name = "log_a"
+
+        def handle(self, event: es.PersistedEvent, session: Session) -> None:
+            if event.aggregate_id == "paused":
+                entered.set()
+                gate.wait(60)
+            super().handle(event, session)
+
+    first, second = claiming(engine, "w1", total), claiming(engine, "w2", total)
+    one = running(first, Pausing())
+    try:
+        wait_until(lambda: held(engine) == {"w1": [0, 1, 2, 3]})
+        append(engine, store, [[event("paused")]])
+        assert entered.wait(30)
+        two = running(second, Pausing())
+        append(engine, store, [[event(agg)] for agg in others])
+        wait_readable(engine)
+        # Every event but the paused partition's is handled while its batch stays open.
+        wait_until(lambda: len(applied(engine, "log_a")) >= len(others), timeout=30)
+        wait_until(lambda: "w2" in held(engine), timeout=30)
+    finally:
+        gate.set()
+        first.stop()
+        second.stop()
+    one.join(timeout=30)
+    two.join(timeout=30)
+    assert one.error is None
+    assert two.error is None

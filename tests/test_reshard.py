@@ -4,6 +4,7 @@ load with worker processes is in test_claims."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Callable
@@ -113,7 +114,9 @@ def test_a_reshard_that_times_out_changes_nothing(
     wait_readable(engine)
     processor(engine, partition_key=0, total_partitions=2).run_until_caught_up(LogA())
     processor(engine, partition_key=1, total_partitions=2).check_partitions(LogA())
-    with pytest.raises(es.ReshardError, match=r"partitions 1 of 2 did not reach"):
+    with pytest.raises(
+        es.ReshardError, match=r"partitions 1 of 2 did not move towards the boundary"
+    ):
         es.reshard(engine, "log_a", 3, timeout=0.3)
     assert checkpoints(engine) == [(0, 2, None), (1, 2, None)]  # no boundary left behind
     run_partitions(engine, 2)  # partition 1 runs on past where it would have stopped
@@ -253,7 +256,7 @@ def test_the_reshard_command(engine_with_log: sa.Engine, store: es.EventStore) -
 
     refused = cli("--total-partitions", "4", "--timeout", "0.2", "--yes")
     assert refused.returncode == 1, refused.stderr
-    assert "did not reach the boundary" in refused.stderr
+    assert "did not move towards the boundary" in refused.stderr
     assert checkpoints(engine) == [(0, 2, None), (1, 2, None)]
     done = cli("--total-partitions", "4", "--app", "tests.test_reshard:APP", "--yes")
     assert done.returncode == 0, done.stderr
@@ -265,3 +268,56 @@ def test_the_reshard_command(engine_with_log: sa.Engine, store: es.EventStore) -
 
 
 APP = [LogA()]
+
+
+class EvenOdd:
+    """A strategy with no SQL filter: the processor filters in Python."""
+
+    def should_process(self, aggregate_id: str, partition_key: int, total_partitions: int) -> bool:
+        return int(aggregate_id.rsplit("-", 1)[1]) % total_partitions == partition_key
+
+
+def test_the_partitions_run_by_reshard_use_the_workers_strategy(
+    engine_with_log: sa.Engine, store: es.EventStore
+) -> None:
+    engine = engine_with_log
+    append_spread(engine, store, 60, aggregates=12)
+    wait_readable(engine)
+    config = es.ProcessorConfig(partition_strategy=EvenOdd(), poll_interval=0.01)
+
+    def run(key: int, total: int) -> None:
+        own = dataclasses.replace(config, partition_key=key, total_partitions=total)
+        es.Processor(engine, store, own).run_until_caught_up(LogA())
+
+    run(0, 2)  # partition 1 lags: the reshard runs it, with the same strategy
+    processor(engine, partition_key=1, total_partitions=2).check_partitions(LogA())
+    es.reshard(engine, LogA(), 3, config=config)
+    append_spread(engine, store, 30, aggregates=12, prefix="agg")
+    wait_readable(engine)
+    for key in range(3):
+        run(key, 3)
+    assert_exactly_once_in_order(engine)
+
+
+def test_a_partition_past_the_boundary_fails_the_reshard_at_once(
+    engine_with_log: sa.Engine, store: es.EventStore
+) -> None:
+    """A worker that does not know boundaries (an older version) ran past it."""
+    engine = engine_with_log
+    append_spread(engine, store, 20)
+    wait_readable(engine)
+    processor(engine, partition_key=0, total_partitions=2).run_until_caught_up(LogA())
+    processor(engine, partition_key=1, total_partitions=2).check_partitions(LogA())
+    from eventsource.reshard import _set_boundary
+
+    with sa.orm.Session(engine) as session, session.begin():
+        _set_boundary(session, store, "log_a", 3, None)
+    with engine.begin() as conn:  # as such a worker would leave it
+        conn.exec_driver_sql(
+            "UPDATE projection_checkpoints SET global_position = 25, transaction_id = "
+            "(SELECT transaction_id + 1 FROM projection_checkpoints WHERE partition_key = 0) "
+            "WHERE partition_key = 1"
+        )
+    with pytest.raises(es.ReshardError, match="partitions 1 moved past the boundary"):
+        es.reshard(engine, LogA(), 3, timeout=30)
+    assert checkpoints(engine) == [(0, 2, None), (1, 2, None)]  # the boundary is gone
