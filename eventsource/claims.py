@@ -323,6 +323,10 @@ class _Coordinator:
                 )
             if len(self.running) < share and claim_expiring is not None:
                 wait = min(wait, claim_expiring + _EXPIRY_SLACK)
+            if len(self.running) < share:
+                # Others release their extra partitions at their own heartbeats: look
+                # again soon rather than a whole heartbeat later.
+                wait = min(wait, self.lease / 10)
         return max(wait, _EXPIRY_SLACK)
 
     # -- partitions -----------------------------------------------------------------
