@@ -422,6 +422,115 @@ def test_scaling_workers_added_one_at_a_time_each_see_everything(target: Target)
     assert all(events == in_store for _, events in counts)
 
 
+def claimed_shares(output: str) -> list[tuple[int, dict[str, list[int]]]]:
+    """The ownership lines of claimed_workers: (partition count, {worker: partitions})."""
+    shares = []
+    for line in output.splitlines():
+        if not line.startswith("  t+"):
+            continue
+        count, owned = line.split(" partitions  ", 1)
+        owners = {}
+        for part in owned.split("  (")[0].split(" | "):
+            label, keys = part.split(": ")
+            owners[label] = [int(key) for key in keys.split()]
+        shares.append((int(count.split()[-1]), owners))
+    return shares
+
+
+def check_claimed_run(target: Target, output: str, workers: int) -> None:
+    """One run of claimed_workers: its narrative, and the database it leaves behind."""
+    from eventsource.claims import partition_claims
+
+    lines = output.splitlines()
+    projection = next(line.split()[1] for line in lines if line.startswith("Projection "))
+    projection = projection.rstrip(":")
+    context = "metering_" + projection.removeprefix("cw_meter_readings_")
+    pids = {}
+    for line in lines:
+        if line.startswith("+ started "):
+            for started in line.removeprefix("+ started ").split(", "):
+                label, pid = started.split(" (pid ")
+                pids[label] = int(pid.rstrip(")"))
+    first = [f"w{n}" for n in range(1, workers + 1)]
+    joined, victim = f"w{workers + 1}", "w2"
+    assert sorted(pids) == sorted([*first, joined])
+    survivors = sorted(set(first) - {victim})
+
+    # Who owned which partitions: every partition owned, fair shares, as workers came,
+    # died (its leases held until they expired) and joined, then after the reshard.
+    shares = claimed_shares(output)
+    assert [count for count, _ in shares] == [12, 12, 12, 12, 6]
+    expected = [first, first, survivors, [*survivors, joined], [*survivors, joined]]
+    for (count, owners), labels in zip(shares, expected, strict=True):
+        assert sorted(owners) == sorted(labels), shares
+        assert sorted(k for keys in owners.values() for k in keys) == list(range(count))
+        sizes = [len(keys) for keys in owners.values()]
+        assert max(sizes) - min(sizes) <= 1, shares
+    assert f"killed {victim} with SIGKILL" in output
+    assert "resharded 12 -> 6 in " in output
+    codes = ", ".join(f"{label} 0" for label in sorted([*survivors, joined]))
+    assert f"(exit codes: {codes}); 6 of 6 partitions released" in output
+    assert "exactly once: OK" in output
+    assert "in order per meter: OK (24 meters)" in output
+
+    # The read model: every event of the run once, in order per meter, by these workers.
+    stored = {
+        p
+        for (p,) in target.rows(
+            "SELECT global_position FROM events WHERE bounded_context = :context",
+            context=context,
+        )
+    }
+    produced = next(line for line in lines if line.startswith("- producer stopped after "))
+    assert len(stored) == int(produced.split()[4]) > 0
+    handled = target.rows(
+        "SELECT global_position, times, worker_pid FROM cw_handled_events WHERE projection = :name",
+        name=projection,
+    )
+    assert {row.global_position for row in handled} == stored
+    assert len(handled) == len(stored)
+    assert all(row.times == 1 for row in handled)
+    by = {row.worker_pid for row in handled}
+    assert by <= set(pids.values())
+    assert pids[joined] in by  # the worker that joined got a share and used it
+    meters = target.rows(
+        "SELECT readings, last_version, out_of_order FROM cw_meters WHERE projection = :name",
+        name=projection,
+    )
+    assert len(meters) == 24
+    assert sum(m.readings for m in meters) == len(stored)
+    assert all(m.out_of_order == 0 and m.last_version == m.readings for m in meters)
+
+    # Resharded: 6 checkpoints and 6 claims, all released; no worker left registered.
+    checkpoints = target.checkpoints(projection)
+    assert [(c.partition_key, c.total_partitions) for c in checkpoints] == [
+        (key, 6) for key in range(6)
+    ]
+    with target.engine.connect() as conn:
+        claims = partition_claims(conn, projection=projection)
+    assert [(c.partition_key, c.total_partitions, c.owner) for c in claims] == [
+        (key, 6, None) for key in range(6)
+    ]
+    members = target.scalar(
+        "SELECT count(*) FROM events_partition_workers WHERE projection_name = :name",
+        name=projection,
+    )
+    assert members == 0
+
+
+def test_claimed_workers_share_take_over_reshard_and_count_each_event_once(
+    target: Target,
+) -> None:
+    output = target.run("claimed_workers/main.py")
+    check_claimed_run(target, output, workers=3)
+    if target.dialect == "sqlite":
+        # A rerun on the same database: a new projection, 12 partitions again; options.
+        again = target.run("claimed_workers/main.py", "--workers", "2", "--lease", "1.5")
+        assert "(lease 1.5 s)" in again
+        check_claimed_run(target, again, workers=2)
+        assert target.scalar("SELECT count(DISTINCT projection) FROM cw_handled_events") == 2
+
+
 def test_stop_resume_resumes_where_sigint_stopped_it(target: Target) -> None:
     script = "stop_resume/main.py"
     total = 300
