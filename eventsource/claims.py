@@ -336,7 +336,7 @@ class _Coordinator:
         config = dataclasses.replace(
             parent.config, claim=False, partition_key=key, total_partitions=self.total
         )
-        processor = Processor(parent._sessions, parent.store, config, metrics=parent.metrics)
+        processor = Processor(parent._given, parent.store, config, metrics=parent.metrics)
         processor.fence = (self.worker, epoch)
         processor.checks_partitions_at_start = False
         processor.warn_on_own_transaction = parent.warn_on_own_transaction
@@ -422,7 +422,7 @@ class _Coordinator:
                     ProjectionRunner(
                         self.projection,
                         Processor(
-                            self.parent._sessions,
+                            self.parent._given,
                             self.parent.store,
                             dataclasses.replace(self.parent.config, total_partitions=total),
                         ),

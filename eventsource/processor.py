@@ -215,6 +215,8 @@ class Processor:
         *,
         metrics: ProcessorMetrics | None = None,
     ) -> None:
+        #: What the processor was given (claims makes its partitions' processors from it).
+        self._given: sa.Engine | sessionmaker[Session] = engine
         if isinstance(engine, sa.Engine):
             self._sessions: sessionmaker[Session] = sessionmaker(
                 read_committed(engine), expire_on_commit=False
