@@ -214,9 +214,7 @@ class _Coordinator:
             extra=self.fields,
         )
         try:
-            parent._retrying(
-                self.projection, retrier, lambda: parent.check_partitions(self.projection)
-            )
+            parent._retrying(self.projection, retrier, self._check_start)
             while not parent.stopping:
                 wait = parent._retrying(self.projection, retrier, self._heartbeat)
                 self._raise_failure()
@@ -244,6 +242,30 @@ class _Coordinator:
                 "projection %s: worker %s stopped", self.name, self.worker, extra=self.fields
             )
         self._raise_failure()
+
+    def _check_start(self) -> None:
+        """Follow the count the checkpoints use when it is not this worker's (a reshard
+        changed it: a restart must not change it back, nor be refused), then create the
+        checkpoints that are missing."""
+        with self._transaction() as session:
+            counted = self._partition_count(session)
+        if counted is not None and counted != self.total:
+            logger.warning(
+                "projection %s has %d partitions (resharded), not the %d this worker was "
+                "started with: it shares those %d. Start workers with --total-partitions "
+                "%d (total_partitions=%d) from now on.",
+                self.name,
+                counted,
+                self.total,
+                counted,
+                counted,
+                counted,
+                extra=self.fields,
+            )
+            self.total = counted
+            self.fields["total_partitions"] = counted
+        config = dataclasses.replace(self.parent.config, total_partitions=self.total)
+        Processor(self.parent._given, self.parent.store, config).check_partitions(self.projection)
 
     def _raise_failure(self) -> None:
         with self.lock:

@@ -458,9 +458,10 @@ def _age(seconds: float | None) -> str:
 @click.option(
     "--claim/--no-claim",
     default=None,
-    help="With --total-partitions N and no --partition-key: share the N partitions with "
-    "every other worker started the same way, through leases in the database (the "
-    "default), or run all N in this process (--no-claim).",
+    help="Share the --total-partitions N partitions with every other worker started the "
+    "same way, through leases in the database (the default for N > 1 without "
+    "--partition-key; with N = 1, --claim makes one worker active and the others its "
+    "standbys), or run all N in this process (--no-claim).",
 )
 @click.option(
     "--lease",

@@ -52,6 +52,9 @@ WAIT_LOG_INTERVAL = 5.0
 #: Seconds a processor waits behind the same open transaction before it names it in a
 #: WARNING (ProcessorConfig.blocked_warning_after), and then again every as many.
 DEFAULT_BLOCKED_WARNING_AFTER = 30.0
+#: Seconds a partition stands on a reshard's boundary before a WARNING says so (and
+#: again every as many seconds): a reshard killed before its switch leaves it there.
+BOUNDARY_WARNING_AFTER = 30.0
 #: Seconds a claimed partition's lease lasts without renewal (ProcessorConfig.lease).
 DEFAULT_LEASE = 5.0
 
@@ -293,6 +296,9 @@ class Processor:
         #: batch behind) a batch of a paused worker. A missing checkpoint (a reset)
         #: still takes it.
         self.checks_partitions_at_start = True
+        #: Since when batches stand on a reshard's boundary (see _watch_boundary).
+        self._on_boundary_since: float | None = None
+        self._next_boundary_warning = 0.0
         #: With ``config.claim``: the id this processor claims partitions under (default:
         #: the process's, :func:`eventsource.claims.worker_id`). Two processors of one
         #: projection in one process are two workers only with ids of their own.
@@ -426,11 +432,17 @@ class Processor:
         The check and the creation are atomic (DESIGN invariant 6): two processes that
         start a new projection at the same instant with different ``total_partitions``
         take turns on the projection's lock, and the second one is refused. With
-        ``config.claim`` every partition's first checkpoint is created.
+        ``config.claim`` every partition's first checkpoint is created; and when the
+        checkpoints all use one other count (a reshard set it), that is no refusal: the
+        claiming worker follows them (eventsource.claims).
         """
         try:
             with self._sessions() as session, session.begin():
                 queries = self._queries_for(session, projection)
+                if self.config.claim and _followed_count(
+                    session, self.store.tables, projection, self.config.total_partitions
+                ):
+                    return
                 if self.config.claim and self._all_in_place(session, projection):
                     # Nothing to create: a claiming worker that joins does not queue for
                     # the exclusive lock (behind a long or paused batch, holding up
@@ -661,6 +673,7 @@ class Processor:
                         "rolled back. Reset projections with `eventsource reset` or "
                         "eventsource.rebuild.reset(), which wait for batches in hand."
                     )
+        self._watch_boundary(projection, checkpoint.stop, (tx, pos))
         result = BatchResult(
             handled,
             skipped,
@@ -874,6 +887,37 @@ class Processor:
             named,
             HELD_BACK_BY[self.config.horizon],
             extra=fields,
+        )
+
+    def _watch_boundary(
+        self, projection: Projection, stop: tuple[int, int] | None, at: tuple[int, int]
+    ) -> None:
+        """Warn when the partition has stood on a reshard's boundary for a while: a
+        reshard killed before its switch leaves it there until it is run again."""
+        if stop is None or at != stop:
+            self._on_boundary_since = None
+            return
+        now = time.monotonic()
+        if self._on_boundary_since is None:
+            self._on_boundary_since = now
+            self._next_boundary_warning = now + BOUNDARY_WARNING_AFTER
+            return
+        if now < self._next_boundary_warning:
+            return
+        self._next_boundary_warning = now + BOUNDARY_WARNING_AFTER
+        name = projection.checkpoint_name
+        logger.warning(
+            "projection %s partition %d has stood for %.0f s on a reshard's boundary "
+            "(position %d) and reads nothing further until the reshard switches. If no "
+            "`eventsource reshard %s` runs any more, run it again to finish, or "
+            "`eventsource reshard %s --cancel`.",
+            name,
+            self.config.partition_key,
+            now - self._on_boundary_since,
+            stop[1],
+            name,
+            name,
+            extra={**self._fields(projection), "reshard_boundary": stop[1]},
         )
 
     def _describe(self, projection: Projection) -> str:
@@ -1211,6 +1255,21 @@ def lock_projection(
         "open). Nothing was changed; try again, wait longer, or stop the workers."
     )
     _take_lock(conn, _EXCLUSIVE_LOCK, name, store, timeout, busy)
+
+
+def _followed_count(
+    session: Session, tables: models.Tables, projection: Projection, total: int
+) -> bool:
+    """Whether every checkpoint of ``projection`` uses one count other than ``total``."""
+    ck = tables.projection_checkpoints
+    totals = set(
+        session.execute(
+            sa.select(ck.c.total_partitions)
+            .where(ck.c.projection_name == projection.checkpoint_name)
+            .distinct()
+        ).scalars()
+    )
+    return len(totals) == 1 and totals != {total}
 
 
 def has_claims_schema(connection: sa.Connection, tables: models.Tables) -> bool:
@@ -1668,7 +1727,10 @@ class _Queries:
         if found[0] != config.total_partitions:
             raise errors.PartitionCountChangedError(
                 f"projection {name!r} partition {config.partition_key} was checkpointed with "
-                f"total_partitions={found[0]}, this processor uses {config.total_partitions}"
+                f"total_partitions={found[0]}, this processor uses {config.total_partitions}: "
+                f"it was resharded or rebuilt meanwhile. Restart its workers with "
+                f"total_partitions={found[0]} (--total-partitions {found[0]}); claiming "
+                "workers follow it by themselves"
             )
         stop = None if found[3] is None else (int(found[3]), int(found[4]))
         if fence is not None and (

@@ -157,13 +157,25 @@ def es_status(engine: sa.Engine) -> list[ProjectionStatus]:
     return status(reader(engine))
 
 
-def test_a_claiming_worker_started_with_another_count_is_refused(
-    applied_engine: sa.Engine, store: es.EventStore
+def test_a_claiming_worker_started_with_another_count_follows_the_checkpoints(
+    applied_engine: sa.Engine, store: es.EventStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A restart never changes the count (only a reshard does), nor is it refused: a
+    claiming worker shares the partitions the checkpoints have, and says so."""
     append_spread(applied_engine, store, 10)
-    processor(applied_engine, total_partitions=4).run_until_caught_up(LogA())
+    wait_readable(applied_engine)
+    processor(applied_engine, total_partitions=4).check_partitions(LogA())
+    worker = claiming(applied_engine, "w1", total=3)
+    run = running(worker, LogA())
+    wait_until(lambda: held(applied_engine) == {"w1": [0, 1, 2, 3]})
+    wait_until(lambda: len(applied(applied_engine, "log_a")) == 10)
+    worker.stop()
+    run.join()
+    assert run.error is None
+    assert "has 4 partitions (resharded), not the 3 this worker was started with" in caplog.text
+    # A worker with a fixed key and another count is still refused.
     with pytest.raises(es.PartitionCountChangedError):
-        claiming(applied_engine, "w1", total=3).run(LogA(), handle_signals=False)
+        processor(applied_engine, total_partitions=3).run_until_caught_up(LogA())
 
 
 def test_a_handler_failure_in_a_claimed_partition_stops_the_worker(

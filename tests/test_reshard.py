@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 import eventsource as es
 from eventsource import deadletters
+from eventsource import processor as processor_module
 from eventsource.partition import fnv1a_32
 from eventsource.processor import lock_rebuild, unlock_rebuild
 from eventsource.status import status
@@ -165,7 +166,10 @@ def test_workers_with_a_fixed_key_stop_after_a_reshard_and_restart_with_the_new_
 
 
 def test_an_interrupted_reshard_shows_its_boundary_and_can_be_cancelled_or_finished(
-    engine_with_log: sa.Engine, store: es.EventStore
+    engine_with_log: sa.Engine,
+    store: es.EventStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     engine = engine_with_log
     append_spread(engine, store, 20)
@@ -184,6 +188,13 @@ def test_an_interrupted_reshard_shows_its_boundary_and_can_be_cancelled_or_finis
     processor(engine, partition_key=1, total_partitions=2).run_until_caught_up(LogA())
     assert checkpoints(engine) == [(0, 2, 20), (1, 2, 20)]
     assert len(applied(engine, "log_a")) == 20
+    # A worker standing there says so, naming the way out.
+    monkeypatch.setattr(processor_module, "BOUNDARY_WARNING_AFTER", 0.0)
+    standing = processor(engine, partition_key=1, total_partitions=2)
+    for _ in range(2):
+        standing.process_batch(LogA())
+    assert "on a reshard's boundary (position 20)" in caplog.text
+    assert "eventsource reshard log_a --cancel" in caplog.text
     assert es.cancel_reshard(engine, "log_a")
     assert not es.cancel_reshard(engine, "log_a")
     run_partitions(engine, 2)
