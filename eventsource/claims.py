@@ -64,6 +64,7 @@ from eventsource.processor import (
     _ms,
     _Stopped,
     lock_projection_shared,
+    partition_counts,
     try_lock_partition,
 )
 from eventsource.projection import Projection
@@ -478,12 +479,7 @@ class _Coordinator:
 
     def _partition_count(self, session: Session) -> int | None:
         """The count the projection's checkpoints use (None: none, or several)."""
-        ck = self.tables.projection_checkpoints
-        totals = set(
-            session.execute(
-                sa.select(ck.c.total_partitions).where(ck.c.projection_name == self.name).distinct()
-            ).scalars()
-        )
+        totals = partition_counts(session, self.tables, self.name)
         return totals.pop() if len(totals) == 1 else None
 
     def _rows(self, session: Session) -> list[_Row]:

@@ -477,14 +477,7 @@ class Processor:
         from eventsource import versions  # it imports this module
 
         versions.refuse_retired(session.connection(), self.store.tables, projection)
-        table = self.store.tables.projection_checkpoints
-        totals = set(
-            session.execute(
-                sa.select(table.c.total_partitions)
-                .where(table.c.projection_name == projection.checkpoint_name)
-                .distinct()
-            ).scalars()
-        )
+        totals = partition_counts(session, self.store.tables, projection.checkpoint_name)
         other = totals - {self.config.total_partitions}
         if other:
             raise errors.PartitionCountChangedError(
@@ -1261,15 +1254,20 @@ def _followed_count(
     session: Session, tables: models.Tables, projection: Projection, total: int
 ) -> bool:
     """Whether every checkpoint of ``projection`` uses one count other than ``total``."""
-    ck = tables.projection_checkpoints
-    totals = set(
-        session.execute(
-            sa.select(ck.c.total_partitions)
-            .where(ck.c.projection_name == projection.checkpoint_name)
-            .distinct()
-        ).scalars()
-    )
+    totals = partition_counts(session, tables, projection.checkpoint_name)
     return len(totals) == 1 and totals != {total}
+
+
+def partition_counts(session: Session, tables: models.Tables, name: str) -> set[int]:
+    """The partition counts projection ``name``'s checkpoints were written with (one,
+    normally; none before its first run)."""
+    ck = tables.projection_checkpoints
+    return {
+        int(total)
+        for total in session.execute(
+            sa.select(ck.c.total_partitions).where(ck.c.projection_name == name).distinct()
+        ).scalars()
+    }
 
 
 def has_claims_schema(connection: sa.Connection, tables: models.Tables) -> bool:

@@ -65,6 +65,7 @@ from eventsource.processor import (
     ProcessorConfig,
     lock_projection,
     lock_rebuild,
+    partition_counts,
     read_committed,
     unlock_rebuild,
 )
@@ -459,12 +460,7 @@ def _check_read_model(
 
 
 def _current_partitions(session: Session, store: EventStore, name: str) -> int:
-    ck = store.tables.projection_checkpoints
-    totals = set(
-        session.execute(
-            sa.select(ck.c.total_partitions).where(ck.c.projection_name == name).distinct()
-        ).scalars()
-    )
+    totals = partition_counts(session, store.tables, name)
     if len(totals) > 1:
         raise errors.PartitionCountChangedError(
             f"projection {name!r} has checkpoints with several partition counts "
