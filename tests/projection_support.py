@@ -324,6 +324,11 @@ def wait_readable(engine: sa.Engine, *, timeout: float = 30.0) -> None:
     wait_until(readable, timeout=timeout)
 
 
+#: Generous: under the server rule, other tests' transactions on the shared server hold
+#: events back too (the suite runs on several xdist workers).
+SHARED_SERVER_WAIT = 120.0
+
+
 def wait_until(
     condition: Callable[[], bool], *, timeout: float = 15.0, interval: float = 0.02
 ) -> None:

@@ -28,6 +28,7 @@ from eventsource.status import Blocker, blockers, status
 from tests.conftest import PostgresServer
 from tests.pg_cluster import Cluster, ClusterUnavailableError, throwaway_cluster
 from tests.projection_support import (
+    SHARED_SERVER_WAIT,
     Background,
     LogA,
     append_spread,
@@ -39,8 +40,6 @@ from tests.projection_support import (
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKER_APP = "es-test-blocker"
-#: Generous: other tests' transactions on the shared server hold events back too.
-SHARED_SERVER_WAIT = 120.0
 
 
 def conninfo(url: sa.URL) -> str:

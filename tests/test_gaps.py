@@ -25,6 +25,7 @@ import eventsource as es
 from eventsource.partition import fnv1a_32
 from tests import projection_support
 from tests.projection_support import (
+    SHARED_SERVER_WAIT,
     Background,
     LogA,
     LogB,
@@ -170,7 +171,7 @@ def test_processor_waits_for_the_open_transaction_and_then_handles_its_event(
     finally:
         t1.commit()
     assert catching_up is not None
-    catching_up.join(10)
+    catching_up.join(SHARED_SERVER_WAIT)  # the server rule waits for other tests too
     assert catching_up.error is None
     assert catching_up.result == 2
     rows = applied(pg_engine, projection.name)
@@ -532,7 +533,7 @@ def test_concurrent_out_of_order_commits_are_projected_exactly_once_in_version_o
         writers_done.set()
         runner.stop()
         naive_thread.join(10)
-        running.join(15)
+        running.join(SHARED_SERVER_WAIT)
     assert running.error is None, running.error
     es.Runner(handle_signals=False).run_until_caught_up(pairs)
 
