@@ -39,6 +39,7 @@ from eventsource.status import (
     Blocker,
     ProjectionStatus,
     blockers,
+    format_age,
     require_schema,
     status,
 )
@@ -323,8 +324,9 @@ def db_rebase(ctx: Context, yes: bool) -> None:
 def status_command(
     ctx: Context, app_spec: str | None, as_json: bool, max_lag: int | None, horizon: HorizonRule
 ) -> None:
-    """Checkpoint, head, lag and age of every projection partition, and on PostgreSQL
-    the open transactions that hold them back."""
+    """Checkpoint, head, lag (in events, and LAG_TIME: how long the first event not yet
+    passed has waited since it was appended), update time and age of every projection
+    partition, and on PostgreSQL the open transactions that hold them back."""
     projections = [pair.projection for pair in load_app(app_spec)] if app_spec else []
     engine = ctx.engine()
     # Lag is counted up to a cap; one at least --max-lag still tells every lagging row.
@@ -383,6 +385,7 @@ def _table(rows: Sequence[ProjectionStatus]) -> str:
         "CHECKPOINT",
         "HEAD",
         "LAG",
+        "LAG_TIME",
         "UPDATED",
         "AGE",
     )
@@ -394,6 +397,7 @@ def _table(rows: Sequence[ProjectionStatus]) -> str:
             + (f" (stops at {row.reshard_boundary})" if row.reshard_boundary is not None else ""),
             str(row.head),
             f"> {row.lag}" if row.lag_capped else str(row.lag),
+            _age(row.lag_seconds),
             row.updated_at.strftime("%Y-%m-%d %H:%M:%S") if row.updated_at else "never",
             _age(row.age_seconds),
         )
@@ -424,15 +428,7 @@ def _lease(row: ProjectionStatus) -> str:
 
 
 def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f}h"
-    return f"{seconds / 86400:.0f}d"
+    return "-" if seconds is None else format_age(seconds)
 
 
 # -- run --------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """Prometheus metrics for processors (the ``metrics`` extra: ``prometheus-client``).
 
-Nothing here is imported unless you ask for it, and a processor without ``metrics=``
-does no metrics work at all::
+Processors feed counters, a batch-duration histogram and ``checkpoint_position``;
+:meth:`PrometheusMetrics.track_lag` adds gauges read from the database on scrape:
+``lag_events``, ``lag_seconds``, ``last_handled_timestamp_seconds`` and ``held_back``
+(labels ``projection``, ``partition``; names prefixed with the namespace, by default
+``eventsource_``). Nothing here is imported unless you ask for it, and a processor
+without ``metrics=`` does no metrics work at all::
 
     metrics = PrometheusMetrics()                      # default registry
     metrics.track_lag(engine)                          # lag gauges, computed on scrape
@@ -111,9 +115,11 @@ class PrometheusMetrics:
         store: EventStore | None = None,
         lag_cap: int | None = DEFAULT_LAG_CAP,
     ) -> None:
-        """Register ``lag_events`` and ``held_back`` gauges read on scrape by
-        :func:`eventsource.status.status`: a few index lookups, plus counting at most
-        ``lag_cap`` events per partition (the gauge then shows ``lag_cap``)."""
+        """Register ``lag_events``, ``lag_seconds``, ``last_handled_timestamp_seconds``
+        and ``held_back`` gauges read on scrape by :func:`eventsource.status.status`: a
+        few index lookups, plus counting at most ``lag_cap`` events per partition (the
+        lag gauge then shows ``lag_cap``; the times stay exact). A partition at
+        checkpoint 0 has no timestamp sample."""
         collector = _LagCollector(engine, store or EventStore(), self.namespace, lag_cap)
         self.registry.register(collector)
 
@@ -136,6 +142,17 @@ class _LagCollector(Collector):
             "Events in the store after the partition's checkpoint (counted up to a cap).",
             labels=list(LABELS),
         )
+        lag_seconds = GaugeMetricFamily(
+            f"{self.namespace}_lag_seconds",
+            "How long the first event after the partition's checkpoint has waited since it "
+            "was appended (0 when caught up).",
+            labels=list(LABELS),
+        )
+        last_handled = GaugeMetricFamily(
+            f"{self.namespace}_last_handled_timestamp_seconds",
+            "Unix time the event at the partition's checkpoint was appended (its created_at).",
+            labels=list(LABELS),
+        )
         held_back = GaugeMetricFamily(
             f"{self.namespace}_held_back",
             "1 while committed events after the partition's checkpoint wait for an open "
@@ -145,6 +162,12 @@ class _LagCollector(Collector):
         for row in status(self.engine, store=self.store, lag_cap=self.lag_cap):
             labels = [row.projection, str(row.partition_key)]
             family.add_metric(labels, row.lag)
+            if row.lag_seconds is not None:
+                lag_seconds.add_metric(labels, row.lag_seconds)
+            if row.last_handled_at is not None:
+                last_handled.add_metric(labels, row.last_handled_at.timestamp())
             held_back.add_metric(labels, 1 if row.held_back else 0)
         yield family
+        yield lag_seconds
+        yield last_handled
         yield held_back

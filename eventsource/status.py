@@ -4,9 +4,10 @@ health checks, metrics and web apps.
 :func:`status` costs a few index lookups however long the log: the head comes from
 the primary key's index, and lag is counted over the lag range only (the events after
 the checkpoint, in the processor's order and through the index its reads use), at most
-``lag_cap`` of them. :func:`blockers` names the open transactions on a PostgreSQL
-server that projections wait for (see DESIGN invariant 2: events committed after a
-transaction started are read once it ends).
+``lag_cap`` of them; the times beside it (``last_handled_at``, ``lag_seconds``) are
+two more index lookups in the same statement. :func:`blockers` names the open
+transactions on a PostgreSQL server that projections wait for (see DESIGN invariant 2:
+events committed after a transaction started are read once it ends).
 """
 
 from __future__ import annotations
@@ -70,10 +71,21 @@ class ProjectionStatus:
     reshard_boundary: int | None = None
     """While the projection is resharded (:func:`eventsource.reshard`): the position the
     partition stops at until the new partitions take over."""
+    last_handled_at: datetime | None = None
+    """``created_at`` of the event at the checkpoint, the last one the partition passed
+    (None: checkpoint 0). The store sets ``created_at`` when it appends the event (unless
+    the application gave ``Event(created_at=...)``): the closest stored stand-in for the
+    event's commit time."""
+    lag_seconds: float | None = None
+    """How long the oldest event the partition has not passed has waited: ``now`` minus
+    the ``created_at`` of the first event after the checkpoint, in the processor's read
+    order (the first of those ``lag`` counts; never run: the store's first event).
+    0.0 when ``lag`` is 0, and never negative (writers' clocks may differ)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["updated_at"] = self.updated_at.isoformat() if self.updated_at else None
+        data["last_handled_at"] = self.last_handled_at.isoformat() if self.last_handled_at else None
         return data
 
 
@@ -152,7 +164,8 @@ def status(
     ``lag_capped``. The cost is a few index lookups plus the events counted (at most
     ``lag_cap`` per partition), never a scan of the whole log. ``lag_cap=None`` counts
     every event, however many. ``horizon`` is the processors' rule
-    (:attr:`~eventsource.ProcessorConfig.horizon`) that ``held_back`` follows.
+    (:attr:`~eventsource.ProcessorConfig.horizon`) that ``held_back`` follows. ``now``
+    is what ``age_seconds`` and ``lag_seconds`` are measured against.
     """
     _check_rule(horizon)
     if lag_cap is not None and (
@@ -205,14 +218,21 @@ def _status(
     # for all: the planner cannot know how few checkpoint rows there are, and its
     # estimate of such a statement is costly enough to set off JIT compilation, which
     # alone takes longer than every count here.
+    # The same statement looks up two times, one index step each: the created_at of the
+    # first event after the checkpoint in that order (lag_seconds), and of the event at
+    # the checkpoint (last_handled_at, by primary key).
+    ck_pos = sa.bindparam("ck_pos", type_=sa.BigInteger)
+    read_order = _read_order(ev, is_pg)
     if is_pg:
         ck_xid = sa.cast(sa.cast(sa.bindparam("ck_tx", type_=sa.BigInteger), sa.Text), _PGXid8())
-        after = sa.tuple_(ev.c.transaction_id, ev.c.global_position) > sa.tuple_(
-            ck_xid, sa.bindparam("ck_pos", type_=sa.BigInteger)
-        )
+        after = sa.tuple_(ev.c.transaction_id, ev.c.global_position) > sa.tuple_(ck_xid, ck_pos)
     else:
-        after = ev.c.global_position > sa.bindparam("ck_pos", type_=sa.BigInteger)
-    lag_query = sa.select(_capped(sa.select(sa.literal(1)).where(after), lag_cap))
+        after = ev.c.global_position > ck_pos
+    lag_query = sa.select(
+        _capped(sa.select(sa.literal(1)).where(after), lag_cap),
+        _first_created(ev, read_order, after),
+        sa.select(ev.c.created_at).where(ev.c.global_position == ck_pos).scalar_subquery(),
+    )
 
     from eventsource import claims  # it imports the processor, which imports this module
     from eventsource.processor import has_claims_schema
@@ -240,8 +260,10 @@ def _status(
     ).mappings()
     for row in checkpoints.all():
         tx, pos = int(row["transaction_id"]), int(row["global_position"])
-        counted = int(conn.execute(lag_query, {"ck_tx": tx, "ck_pos": pos}).scalar() or 0)
-        lag, capped = _cap(counted, lag_cap)
+        counted, first_waiting, last_handled = conn.execute(
+            lag_query, {"ck_tx": tx, "ck_pos": pos}
+        ).one()
+        lag, capped = _cap(int(counted or 0), lag_cap)
         updated: datetime = row["updated_at"]
         seen.add(row["projection_name"])
         lease = leases.get((row["projection_name"], row["partition_key"], row["total_partitions"]))
@@ -262,9 +284,11 @@ def _status(
                 lease_age_seconds=lease.lease_age_seconds if lease is not None else None,
                 lease_expired=lease.expired if lease is not None else False,
                 reshard_boundary=row["stop_global_position"],
+                last_handled_at=last_handled,
+                lag_seconds=_waited(lag, first_waiting, now),
             )
         )
-    never_run: tuple[int, bool] | None = None
+    never_run: tuple[int, bool, datetime | None] | None = None
     for item in projections:
         name = item.checkpoint_name if isinstance(item, Projection) else item
         if name in seen:
@@ -272,8 +296,11 @@ def _status(
         seen.add(name)
         if never_run is None:  # every event is after an empty checkpoint
             everything = _capped(sa.select(sa.literal(1)).select_from(ev), lag_cap)
-            never_run = _cap(int(conn.execute(sa.select(everything)).scalar() or 0), lag_cap)
-        lag_count, capped = never_run
+            counted, first_waiting = conn.execute(
+                sa.select(everything, _first_created(ev, read_order))
+            ).one()
+            never_run = (*_cap(int(counted or 0), lag_cap), first_waiting)
+        lag_count, capped, first_waiting = never_run
         rows.append(
             ProjectionStatus(
                 name,
@@ -287,9 +314,31 @@ def _status(
                 None,
                 lag_capped=capped,
                 held_back=waiting is not None,
+                lag_seconds=_waited(lag_count, first_waiting, now),
             )
         )
     return rows
+
+
+def _read_order(ev: sa.Table, is_pg: bool) -> tuple[sa.ColumnElement[Any], ...]:
+    """The processor's read order: (transaction id, position) on PostgreSQL."""
+    return (ev.c.transaction_id, ev.c.global_position) if is_pg else (ev.c.global_position,)
+
+
+def _first_created(
+    ev: sa.Table, order: tuple[sa.ColumnElement[Any], ...], *where: sa.ColumnElement[bool]
+) -> sa.ScalarSelect[Any]:
+    """``created_at`` of the first event (matching ``where``) in ``order``: one index step."""
+    return sa.select(ev.c.created_at).where(*where).order_by(*order).limit(1).scalar_subquery()
+
+
+def _waited(lag: int, first_waiting: datetime | None, now: datetime) -> float | None:
+    """``lag_seconds``: 0.0 when caught up, else how long the first unpassed event waited."""
+    if lag == 0:
+        return 0.0
+    if first_waiting is None:  # cannot be: one statement counted the lag and found it
+        return None
+    return max(0.0, (now - first_waiting).total_seconds())
 
 
 def _capped(rows: sa.Select[Any], cap: int | None) -> sa.ScalarSelect[Any]:

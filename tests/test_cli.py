@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -146,6 +146,8 @@ STATUS_KEYS = {
     "lease_age_seconds",
     "lease_expired",
     "reshard_boundary",
+    "last_handled_at",
+    "lag_seconds",
 }
 
 
@@ -414,6 +416,13 @@ def status_json(result: subprocess.CompletedProcess[str]) -> dict[tuple[str, int
             assert isinstance(age, int | float), row
             assert not isinstance(age, bool), row
             assert 0 <= age < 600, row
+        if row["last_handled_at"] is not None:
+            assert datetime.fromisoformat(row["last_handled_at"]).tzinfo is not None, row
+        waited = row["lag_seconds"]
+        assert isinstance(waited, int | float), row
+        assert not isinstance(waited, bool), row
+        assert waited >= 0, row
+        assert row["lag"] > 0 or waited == 0, row
         by_key[(row["projection"], row["partition_key"])] = row
     assert len(by_key) == len(rows), "one row per projection partition"
     return by_key
@@ -528,6 +537,7 @@ def test_status_shows_exact_lag_before_and_after_running(db: sa.Engine, app_dir:
     for row in rows.values():
         assert (row["checkpoint"], row["head"], row["lag"], row["events_handled"]) == (0, 30, 30, 0)
         assert (row["total_partitions"], row["updated_at"], row["age_seconds"]) == (1, None, None)
+        assert row["last_handled_at"] is None
     assert never_run.stderr.splitlines() == [
         "orders partition 0 lags 30 events (max 29)",
         "totals partition 0 lags 30 events (max 29)",
@@ -552,6 +562,8 @@ def test_status_shows_exact_lag_before_and_after_running(db: sa.Engine, app_dir:
             30,
         )
         assert row["updated_at"] is not None
+        assert row["last_handled_at"] is not None
+        assert row["lag_seconds"] == 0
     assert caught_up.stderr == ""
 
     append_events(db, 7, first_amount=31)
@@ -579,6 +591,7 @@ def test_status_shows_exact_lag_before_and_after_running(db: sa.Engine, app_dir:
         "CHECKPOINT",
         "HEAD",
         "LAG",
+        "LAG_TIME",
         "UPDATED",
         "AGE",
     ]
@@ -587,6 +600,60 @@ def test_status_shows_exact_lag_before_and_after_running(db: sa.Engine, app_dir:
         ["totals", "0/1", "30", "37", "7"],
     ]
     assert table.stderr == ""
+
+
+def test_status_shows_how_long_the_first_event_not_passed_has_waited(
+    db: sa.Engine, app_dir: Path
+) -> None:
+    class NoOp(es.Projection, abstract=True):
+        def handle(self, event: es.PersistedEvent, session: Session) -> None:
+            pass
+
+    class Partial(NoOp):
+        name = "partial"
+
+    class Done(NoOp):
+        name = "done"
+
+    store = es.EventStore()
+    now = datetime.now(UTC)
+    with Session(db) as session, session.begin():
+        for i, minutes in enumerate((10, 5)):
+            placed = es.Event(
+                bounded_context="sales",
+                aggregate_type="Order",
+                aggregate_id=f"order-{i}",
+                event_type="OrderPlaced",
+                payload={"amount": i},
+                created_at=now - timedelta(minutes=minutes),
+            )
+            store.append(session, [placed])
+    with Session(db) as session:
+        first, second = (e.created_at for e in store.read_all(session))
+    one_by_one = es.Processor(db, store, es.ProcessorConfig(batch_size=1, poll_interval=0.01))
+    wait_until(lambda: one_by_one.process_batch(Partial()).handled == 1, "one event passed")
+    assert es.Processor(db, store).run_until_caught_up(Done()) == 2
+
+    before = datetime.now(UTC)
+    shown = status_json(ok(cli(app_dir, "status", "--json", url=cli_url(db))))
+    after = datetime.now(UTC)
+    partial, done = shown[("partial", 0)], shown[("done", 0)]
+    assert (partial["checkpoint"], partial["lag"]) == (1, 1)
+    assert partial["last_handled_at"] == first.isoformat()
+    waited = (before - second).total_seconds(), (after - second).total_seconds()
+    assert waited[0] <= partial["lag_seconds"] <= waited[1]
+    assert (done["lag"], done["lag_seconds"], done["last_handled_at"]) == (
+        0,
+        0.0,
+        second.isoformat(),
+    )
+
+    header, *lines = ok(cli(app_dir, "status", url=cli_url(db))).stdout.splitlines()
+    assert header.split()[4:6] == ["LAG", "LAG_TIME"]
+    assert [line.split()[:6] for line in lines] == [
+        ["done", "0/1", "2", "2", "0", "0s"],
+        ["partial", "0/1", "1", "2", "1", "5m"],  # format_age: 300 s and up to 329 s
+    ]
 
 
 def test_run_partitions_in_two_processes_apply_every_event_once(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
+from sqlalchemy.orm import Session
 
 import eventsource as es
 from eventsource.metrics import PrometheusMetrics
@@ -16,9 +19,12 @@ from eventsource.processor import BatchResult
 from tests.projection_support import (
     LogA,
     LogB,
+    append,
     append_spread,
     applied,
     create_applied_table,
+    event,
+    wait_until,
 )
 
 
@@ -193,6 +199,43 @@ def test_lag_gauge_is_capped_and_says_when_nothing_is_held_back(
         assert scrape("held_back", "log_a") == 0
     run(make_processor(engine, store, metrics), LogA())
     assert scrape("lag_events", "log_a") == 0
+
+
+def test_lag_in_seconds_and_last_handled_time_are_read_on_scrape(
+    engine: sa.Engine, store: es.EventStore, metrics: PrometheusMetrics, scrape: Scrape
+) -> None:
+    create_applied_table(engine)
+    metrics.track_lag(engine, store=store)
+    now = datetime.now(UTC)
+    ages = (timedelta(minutes=10), timedelta(minutes=5))
+    append(
+        engine,
+        store,
+        [
+            [dataclasses.replace(event(f"agg-{i}"), created_at=now - age)]
+            for i, age in enumerate(ages)
+        ],
+    )
+    with Session(engine) as session:
+        times = {e.global_position: e.created_at for e in store.read_all(session)}
+    assert scrape("lag_seconds", "log_a") is None  # no checkpoint yet
+    assert scrape("last_handled_timestamp_seconds", "log_a") is None
+
+    proc = make_processor(engine, store, metrics, batch_size=1)
+    wait_until(lambda: proc.process_batch(LogA()).handled == 1, timeout=60)
+    assert scrape("lag_events", "log_a") == 1
+    assert scrape("last_handled_timestamp_seconds", "log_a") == times[1].timestamp()
+    before = datetime.now(UTC)
+    waited = scrape("lag_seconds", "log_a")
+    after = datetime.now(UTC)
+    assert waited is not None
+    assert (before - times[2]).total_seconds() <= waited <= (after - times[2]).total_seconds()
+    assert 300 <= waited < 400
+
+    run(proc, LogA())
+    assert scrape("lag_events", "log_a") == 0
+    assert scrape("lag_seconds", "log_a") == 0.0
+    assert scrape("last_handled_timestamp_seconds", "log_a") == times[2].timestamp()
 
 
 def test_two_metrics_objects_do_not_share_a_registry(

@@ -15,6 +15,7 @@ from eventsource.status import ProjectionStatus, status
 from tests.projection_support import (
     LogA,
     LogB,
+    append,
     append_spread,
     applied,
     create_applied_table,
@@ -30,11 +31,16 @@ def settled(row: ProjectionStatus) -> ProjectionStatus:
     return dataclasses.replace(row, held_back=False)
 
 
+def untimed(row: ProjectionStatus) -> ProjectionStatus:
+    """``settled(row)`` without the times that depend on the clock (tested on their own)."""
+    return dataclasses.replace(settled(row), last_handled_at=None, lag_seconds=None)
+
+
 def test_rows_are_typed_and_lag_is_exact(engine: sa.Engine, store: es.EventStore) -> None:
     create_applied_table(engine)
     append_spread(engine, store, 12)
 
-    before = [settled(row) for row in status(engine, projections=[LogA(), "log_b"])]
+    before = [untimed(row) for row in status(engine, projections=[LogA(), "log_b"])]
     assert before == [
         ProjectionStatus("log_a", 0, 1, 0, 12, 12, 0, None, None),
         ProjectionStatus("log_b", 0, 1, 0, 12, 12, 0, None, None),
@@ -55,13 +61,15 @@ def test_rows_are_typed_and_lag_is_exact(engine: sa.Engine, store: es.EventStore
     assert started - timedelta(seconds=1) <= ran.updated_at <= datetime.now(UTC)
     assert ran.age_seconds is not None
     assert 0 <= ran.age_seconds < 60
-    assert settled(never) == ProjectionStatus("log_b", 0, 1, 0, 17, 17, 0, None, None)
+    assert untimed(never) == ProjectionStatus("log_b", 0, 1, 0, 17, 17, 0, None, None)
     assert len(applied(engine, "log_a")) == 12
 
     # age is measured against ``now``; to_dict is the JSON shape.
     later = ran.updated_at + timedelta(seconds=90)
     (fixed,) = status(engine, now=later)
     assert fixed.age_seconds == 90.0
+    assert fixed.last_handled_at is not None
+    assert fixed.lag_seconds is not None
     assert settled(fixed).to_dict() == {
         "projection": "log_a",
         "partition_key": 0,
@@ -78,6 +86,8 @@ def test_rows_are_typed_and_lag_is_exact(engine: sa.Engine, store: es.EventStore
         "lease_age_seconds": None,
         "lease_expired": False,
         "reshard_boundary": None,
+        "last_handled_at": fixed.last_handled_at.isoformat(),
+        "lag_seconds": fixed.lag_seconds,
     }
 
     assert processor(engine, store).run_until_caught_up(LogA()) == 5
@@ -185,6 +195,94 @@ def test_open_transaction_holds_events_back_and_lag_counts_them(
     (row,) = status(pg_engine)
     assert (row.checkpoint, row.head, row.lag, row.events_handled) == (32, 32, 0, 32)
     assert [r.global_position for r in applied(pg_engine, "log_a")] == list(range(1, 33))
+
+
+def aged(aggregate_id: str, created_at: datetime) -> es.Event:
+    return dataclasses.replace(event(aggregate_id), created_at=created_at)
+
+
+def stored_times(engine: sa.Engine, store: es.EventStore) -> dict[int, datetime]:
+    """``created_at`` of every event by position, as the store gives it back."""
+    with Session(engine) as session:
+        return {e.global_position: e.created_at for e in store.read_all(session)}
+
+
+def process_one(engine: sa.Engine, store: es.EventStore, projection: es.Projection) -> None:
+    """Pass exactly one event (on PostgreSQL, once no open transaction holds it back)."""
+    proc = processor(engine, store, batch_size=1)
+    wait_until(lambda: proc.process_batch(projection).handled == 1, timeout=60)
+
+
+def test_lag_in_seconds_is_the_wait_of_the_first_event_not_passed(
+    engine: sa.Engine, store: es.EventStore
+) -> None:
+    create_applied_table(engine)
+    now = datetime.now(UTC).replace(microsecond=0)
+    ages = (timedelta(minutes=10), timedelta(minutes=5), timedelta(minutes=2))
+    append(engine, store, [[aged(f"agg-{i}", now - age)] for i, age in enumerate(ages)])
+    times = stored_times(engine, store)
+    assert times == {1: now - ages[0], 2: now - ages[1], 3: now - ages[2]}
+
+    # Never run: the store's first event has waited since it was appended.
+    (never,) = status(engine, projections=["log_a"], now=now)
+    assert (never.checkpoint, never.lag, never.last_handled_at) == (0, 3, None)
+    assert never.lag_seconds == 600.0
+
+    process_one(engine, store, LogA())
+    (row,) = status(engine, now=now)
+    assert (row.checkpoint, row.lag) == (1, 2)
+    assert row.last_handled_at == times[1]
+    assert row.lag_seconds == pytest.approx((now - times[2]).total_seconds(), abs=0.01)
+    assert row.lag_seconds == pytest.approx(300.0, abs=1.0)
+    data = settled(row).to_dict()
+    assert data["last_handled_at"] == times[1].isoformat()
+    assert data["lag_seconds"] == row.lag_seconds
+    # Writers' clocks may run ahead of the reader's: never a negative wait.
+    (early,) = status(engine, now=now - timedelta(hours=1))
+    assert (early.lag, early.lag_seconds) == (2, 0.0)
+
+    process_one(engine, store, LogA())
+    (row,) = status(engine, now=now)
+    assert (row.checkpoint, row.lag, row.last_handled_at) == (2, 1, times[2])
+    assert row.lag_seconds == pytest.approx(120.0, abs=1.0)
+
+    assert processor(engine, store).run_until_caught_up(LogA()) == 1
+    (done,) = status(engine, now=now + timedelta(days=1))
+    assert (done.checkpoint, done.lag, done.last_handled_at, done.lag_seconds) == (
+        3,
+        0,
+        times[3],
+        0.0,
+    )
+
+
+def test_an_empty_store_and_an_empty_checkpoint_have_no_times(engine: sa.Engine) -> None:
+    (never,) = status(engine, projections=["log_a"])
+    assert (never.lag, never.last_handled_at, never.lag_seconds) == (0, None, 0.0)
+    assert settled(never).to_dict()["last_handled_at"] is None
+
+
+@pytest.mark.postgres
+def test_lag_in_seconds_follows_the_read_order_on_postgresql(
+    pg_engine: sa.Engine, store: es.EventStore
+) -> None:
+    """The first event not passed is the first in (transaction id, position) order: a
+    transaction that took its id first and committed last is read first."""
+    create_applied_table(pg_engine)
+    now = datetime.now(UTC).replace(microsecond=0)
+    with Session(pg_engine) as older, older.begin():
+        older.execute(sa.text("SELECT pg_current_xact_id()"))  # takes the lower id
+        append(pg_engine, store, [[aged("newer", now - timedelta(minutes=5))]])  # position 1
+        store.append(older, [aged("older", now - timedelta(minutes=10))])  # position 2
+    times = stored_times(pg_engine, store)
+
+    (never,) = status(pg_engine, projections=["log_a"], now=now)
+    assert never.lag_seconds == 600.0  # position 2, read first; position 1 waited 300 s
+
+    process_one(pg_engine, store, LogA())
+    (row,) = status(pg_engine, now=now)
+    assert (row.checkpoint, row.lag, row.last_handled_at) == (2, 1, times[2])
+    assert row.lag_seconds == 300.0  # position 1 is still ahead in read order
 
 
 def test_unmigrated_database_raises_schema_missing(tmp_path: Path) -> None:
