@@ -25,6 +25,7 @@ from eventsource.horizon import HORIZON_RULES, HorizonRule
 from eventsource.processor import (
     DEFAULT_BLOCKED_WARNING_AFTER,
     DEFAULT_LEASE,
+    DEFAULT_MAX_POLL_INTERVAL,
     HELD_BACK_BY,
     Processor,
     ProcessorConfig,
@@ -468,6 +469,21 @@ def _age(seconds: float | None) -> str:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--poll-interval", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option(
+    "--wake-ups/--no-wake-ups",
+    default=True,
+    show_default=True,
+    help="Wake as soon as a relevant append commits (PostgreSQL: LISTEN/NOTIFY, one "
+    "connection per process). Turn off behind poolers that do not carry LISTEN "
+    "(PgBouncer in transaction mode): workers then only poll.",
+)
+@click.option(
+    "--max-poll-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_MAX_POLL_INTERVAL,
+    show_default=True,
+    help="With wake-ups listening, idle polls back off from --poll-interval up to this.",
+)
 @click.option("--until-caught-up", is_flag=True, help="Handle what is committed, then exit.")
 @click.option(
     "--retry-budget",
@@ -508,6 +524,8 @@ def run_command(
     lease: float,
     batch_size: int,
     poll_interval: float,
+    wake_ups: bool,
+    max_poll_interval: float,
     until_caught_up: bool,
     retry_budget: float,
     batch_timeout: float | None,
@@ -560,6 +578,8 @@ def run_command(
                 "lease",
                 "batch_size",
                 "poll_interval",
+                "wake_ups",
+                "max_poll_interval",
                 "retry_budget",
                 "batch_timeout",
                 "horizon",
@@ -590,6 +610,8 @@ def run_command(
                 claim=claim,
                 lease=lease,
                 poll_interval=poll_interval,
+                wake_ups=wake_ups,
+                max_poll_interval=max_poll_interval,
                 retry=RetryPolicy(budget=retry_budget),
                 batch_timeout=batch_timeout,
                 horizon=horizon,

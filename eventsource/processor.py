@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from eventsource import cluster, database, errors, horizon, models, retry, signals
+from eventsource import cluster, database, errors, horizon, models, retry, signals, wakeups
 from eventsource.events import PersistedEvent
 from eventsource.horizon import HORIZON_RULES, HorizonRule
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy, fnv1a_32
@@ -47,6 +47,8 @@ T = TypeVar("T")
 
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_POLL_INTERVAL = 0.1
+#: The longest idle poll with wake-ups listening (ProcessorConfig.max_poll_interval).
+DEFAULT_MAX_POLL_INTERVAL = 5.0
 #: How often run_until_caught_up says it is waiting for an open transaction.
 WAIT_LOG_INTERVAL = 5.0
 #: Seconds a processor waits behind the same open transaction before it names it in a
@@ -104,6 +106,18 @@ class ProcessorConfig:
     behind the same open transaction (DESIGN invariant 2), log a WARNING naming it
     (pid, database, application, age; see :func:`eventsource.status.blockers`), and
     again every as many seconds while it lasts. None: never. Costs no query until then."""
+    wake_ups: bool = True
+    """``run`` wakes as soon as an append that its scope and partition could read commits
+    (:mod:`eventsource.wakeups`): at once from writers in this process, and on
+    PostgreSQL from other processes through one LISTEN connection per process. Off
+    where LISTEN does not work (PgBouncer in transaction mode): it then only polls."""
+    max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL
+    """With wake-ups listening (PostgreSQL), idle polls back off, doubling from
+    ``poll_interval`` up to this (or ``poll_interval`` when that is longer): the
+    fallback for a missed hint or a writer with ``EventStore(notify=False)``. Polls
+    stay at ``poll_interval`` while events wait behind an open transaction, while a
+    rebuild or reshard holds the partition, and on SQLite (other processes' appends
+    send no hint there)."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "partition_key", "total_partitions"):
@@ -131,6 +145,13 @@ class ProcessorConfig:
             raise errors.ConfigurationError(
                 f"poll_interval must be a number of seconds >= 0, got {interval!r}"
             )
+        ceiling = self.max_poll_interval
+        if isinstance(ceiling, bool) or not isinstance(ceiling, int | float) or ceiling <= 0:
+            raise errors.ConfigurationError(
+                f"max_poll_interval must be a number of seconds > 0, got {ceiling!r}"
+            )
+        if not isinstance(self.wake_ups, bool):
+            raise errors.ConfigurationError(f"wake_ups must be a bool, got {self.wake_ups!r}")
         if not isinstance(self.retry, RetryPolicy):
             raise errors.ConfigurationError(
                 f"retry must be an eventsource.RetryPolicy, got {self.retry!r}"
@@ -305,14 +326,26 @@ class Processor:
         self.worker_id: str | None = None
         #: Called by stop() (eventsource.claims wakes its coordinator with it).
         self._stop_listeners: list[Callable[[], None]] = []
+        #: Set by wake() and stop(): run() waits on it between polls.
+        self._wake = threading.Event()
+        #: When run() was last woken (monotonic): its next batch accepts only a store
+        #: horizon computed since, which includes the append that woke it.
+        self._woken_at: float | None = None
 
     # -- public API -------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand (thread-safe)."""
         self._stop.set()
+        self._wake.set()
         for listener in self._stop_listeners:
             listener()
+
+    def wake(self) -> None:
+        """Make ``run`` read now instead of at its next poll (thread-safe). Wake-ups
+        (``config.wake_ups``) call it; an application may too, after appending events
+        through a path that sends no hint."""
+        self._wake.set()
 
     @property
     def stopping(self) -> bool:
@@ -342,21 +375,33 @@ class Processor:
         # While it polls, the store horizon it reads below may be a poll interval old:
         # one computation then serves every processor of the process (horizon.py).
         self._horizon_max_age = self.config.poll_interval
+        subscription = self._subscribe(projection)
+        idle_polls = 0
         try:
             with signals.graceful_stop(self.stop, enabled=handle_signals, log=logger):
                 if self.checks_partitions_at_start:
                     self._retrying(projection, retrier, lambda: self.check_partitions(projection))
                 while not self._stop.is_set():
+                    self._wake.clear()  # a hint from now on calls for another batch
                     result = self._retrying(
                         projection, retrier, lambda: self.process_batch(projection)
                     )
                     self._watch_horizon(projection, result)
-                    if not result.full:
-                        self._stop.wait(self.config.poll_interval)
+                    if result.full:
+                        idle_polls = 0
+                        continue
+                    idle_polls = idle_polls + 1 if self._may_back_off(result) else 0
+                    interval = self._idle_interval(subscription, idle_polls)
+                    if self._wake.wait(interval) and not self._stop.is_set():
+                        self._woken_at = time.monotonic()
+                        idle_polls = 0
         except _Stopped:
             pass
         finally:
+            if subscription is not None:
+                subscription.close()
             self._stop.clear()
+            self._wake.clear()
             self._horizon_max_age = 0.0
             logger.info(
                 "projection %s partition %d stopped",
@@ -364,6 +409,38 @@ class Processor:
                 self.config.partition_key,
                 extra=self._fields(projection),
             )
+
+    def _subscribe(self, projection: Projection) -> wakeups.Subscription | None:
+        """Wake-ups for ``run``: hints about appends this partition could read."""
+        if not self.config.wake_ups or self.engine is None:
+            return None
+        return wakeups.subscribe(
+            self.engine,
+            self.store.tables.names.events,
+            _wake_filter(projection, self.config),
+            self.wake,
+        )
+
+    def _may_back_off(self, result: BatchResult) -> bool:
+        """An idle poll after which only a hint (or the fallback) can bring news: nothing
+        read, nothing waiting behind an open transaction (its end sends no hint), no
+        rebuild or reshard boundary (their end sends none either)."""
+        return (
+            result.read == 0
+            and not result.rebuilding
+            and result.held_back_by is None
+            and self._on_boundary_since is None
+        )
+
+    def _idle_interval(self, subscription: wakeups.Subscription | None, idle_polls: int) -> float:
+        """Seconds to the next poll: ``poll_interval``, doubling per idle poll up to
+        ``max_poll_interval`` while hints from every process arrive."""
+        interval = self.config.poll_interval
+        if idle_polls <= 1 or subscription is None or not subscription.active:
+            return interval
+        ceiling = max(interval, self.config.max_poll_interval)
+        grown: float = max(interval, 0.001) * 2.0 ** min(idle_polls - 1, 32)
+        return min(ceiling, grown)
 
     def run_until_caught_up(
         self,
@@ -667,6 +744,10 @@ class Processor:
                         "eventsource.rebuild.reset(), which wait for batches in hand."
                     )
         self._watch_boundary(projection, checkpoint.stop, (tx, pos))
+        if moved and self.store.notify and self.engine is not None:
+            wakeups.publish_checkpoint(
+                self.engine, self.store.tables.names.events, projection.checkpoint_name
+            )
         result = BatchResult(
             handled,
             skipped,
@@ -799,8 +880,11 @@ class Processor:
         engine = self.engine if self.engine is not None else session.connection().engine
         assert checkpoint.store_identity is not None
         assert checkpoint.next_id is not None
+        max_age = self._horizon_max_age
+        if self._woken_at is not None:  # the append that woke it is below a fresh one
+            max_age = min(max_age, max(0.0, time.monotonic() - self._woken_at))
         found = horizon.for_store(engine, self.store.tables.names, checkpoint.store_identity).get(
-            engine, max_age=self._horizon_max_age, next_id=checkpoint.next_id
+            engine, max_age=max_age, next_id=checkpoint.next_id
         )
         assert checkpoint.xmin is not None
         bound = horizon.combine(checkpoint.xmin, found, checkpoint.own_transaction)
@@ -1782,6 +1866,26 @@ def _union(*selects: sa.Select[Any], ascending: bool) -> sa.CompoundSelect[Any]:
     order = [tx, pos] if ascending else [tx.desc(), pos.desc()]
     limit: Any = sa.bindparam("limit") if ascending else 1
     return union.order_by(*order).limit(limit)
+
+
+def _wake_filter(projection: Projection, config: ProcessorConfig) -> Callable[[wakeups.Hint], bool]:
+    """Whether a hint names an append this partition could read: its bounded contexts,
+    aggregate types and (with the hash strategy, whose hash the hint carries) partition.
+    Other strategies are woken by every append of their scope."""
+    contexts = frozenset(projection.bounded_contexts)
+    types = frozenset(projection.aggregate_types)
+    total, key = config.total_partitions, config.partition_key
+    by_hash = type(config.partition_strategy) is HashPartitionStrategy and total > 1
+
+    def matches(hint: wakeups.Hint) -> bool:
+        return any(
+            (not contexts or context in contexts)
+            and (not types or aggregate_type in types)
+            and (not by_hash or partition_hash % total == key)
+            for context, aggregate_type, partition_hash in hint.appended
+        )
+
+    return matches
 
 
 def _quarantines(projection: Projection) -> bool:

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session
 
-from eventsource import cluster, database, errors, horizon, models, partition
+from eventsource import cluster, database, errors, horizon, models, partition, wakeups
 from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
 
 logger = logging.getLogger("eventsource.store")
@@ -129,6 +129,11 @@ class EventStore:
     (``"0.10"``, not ``Decimal("0.10")``): converting back is the application's. With
     a hook, an :class:`~eventsource.AppendResult` carries the payloads as they read
     back too.
+
+    ``notify`` (default on): once an append's transaction commits, wake the processors
+    it concerns, in this process at once and, on PostgreSQL, in others through
+    LISTEN/NOTIFY (:mod:`eventsource.wakeups`). Nothing is sent inside the caller's
+    transaction, and nothing at all for one that rolls back.
     """
 
     def __init__(
@@ -136,7 +141,11 @@ class EventStore:
         *,
         table_names: models.TableNames | None = None,
         json_default: Callable[[Any], Any] | None = None,
+        notify: bool = True,
     ) -> None:
+        if not isinstance(notify, bool):
+            raise errors.ConfigurationError(f"notify must be a bool, got {notify!r}")
+        self.notify = notify
         if json_default is not None and not callable(json_default):
             raise errors.ConfigurationError(
                 f"json_default must be a function, got {type(json_default).__name__}"
@@ -197,6 +206,14 @@ class EventStore:
                 raise refused from exc
             database.raise_if_schema_missing(exc, self.tables.names, own_statement=True)
             raise
+        if self.notify:
+            wakeups.note_append(
+                conn,
+                self.tables.names.events,
+                batch.bounded_context,
+                batch.aggregate_type,
+                batch.partition_hash,
+            )
         return AppendResult(tuple(_persisted(batch, stored)))
 
     def mark_writer(self, session: SessionOrConnection) -> None:

@@ -274,7 +274,9 @@ def test_processor_logs_start_batches_and_errors_but_not_idle_polls(
     stored = append_spread(engine, store, 25, event_type="Logged")
     wait_readable(engine)
     projection = LogA()
-    proc = CountingProcessor(engine, store, es.ProcessorConfig(batch_size=10, poll_interval=0.005))
+    proc = CountingProcessor(
+        engine, store, es.ProcessorConfig(batch_size=10, poll_interval=0.005, wake_ups=False)
+    )
     proc.run_until_caught_up(projection)
 
     starts = [r for r in caplog.records if "started" in r.getMessage()]
