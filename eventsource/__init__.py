@@ -32,6 +32,7 @@ from eventsource.errors import (
     TransactionIdsAheadError,
     ValidationError,
     VersionNotCaughtUpError,
+    WaitTimeoutError,
 )
 from eventsource.events import (
     AppendResult,
@@ -41,6 +42,7 @@ from eventsource.events import (
     Stream,
     json_default,
 )
+from eventsource.handled import is_handled, wait_until_handled
 from eventsource.models import TableNames
 from eventsource.partition import HashPartitionStrategy, PartitionStrategy
 from eventsource.processor import BatchResult, Processor, ProcessorConfig
@@ -87,13 +89,16 @@ __all__ = [
     "TransactionIdsAheadError",
     "ValidationError",
     "VersionNotCaughtUpError",
+    "WaitTimeoutError",
     "cancel_reshard",
     "configure_engine",
     "create_engine",
     "database_url",
     "downgrade",
+    "is_handled",
     "json_default",
     "reshard",
     "run_in_transaction",
     "upgrade",
+    "wait_until_handled",
 ]

@@ -17,6 +17,7 @@
     ├── DatabaseUnavailableError               transient failures outlasted the retry policy
     ├── DeadLetterError                        a dead-letter retry/discard was refused
     ├── VersionNotCaughtUpError                a switch to a version that still lags
+    ├── WaitTimeoutError (also TimeoutError)   projections had not handled an event in time
     ├── ProjectionRetiredError                 a version readers have left; stop its workers
     └── ProjectionError                        a projection's handler raised (see __cause__)
 """
@@ -174,6 +175,21 @@ class ProjectionRetiredError(EventSourceError):
     retired it) was asked to run or to become active again; nothing was changed.
     Versions only move forward: deploy older code as a new version.
     """
+
+
+class WaitTimeoutError(EventSourceError, TimeoutError):
+    """:func:`eventsource.wait_until_handled` gave up: some projection partitions had not
+    handled the event within the timeout. The message names each one and where it
+    stands (``behind``: one line each); nothing was changed, and the event is still
+    handled once they get to it."""
+
+    def __init__(
+        self, message: str, *, position: int, timeout: float, behind: tuple[str, ...]
+    ) -> None:
+        super().__init__(message)
+        self.position = position
+        self.timeout = timeout
+        self.behind = behind
 
 
 class ProjectionError(EventSourceError):

@@ -9,19 +9,20 @@ How a hint travels:
 - :meth:`EventStore.append` (with ``notify=True``, the default) notes what it wrote
   (events table, bounded context, aggregate type, partition hash) on its connection.
   Nothing is sent inside the caller's transaction.
-- Engine events (listened on every engine): ``commit`` keeps the notes, ``rollback`` drops them,
-  and the next ``begin`` or the return to the pool (whichever comes first) publishes
+- Engine events (listened on every engine): ``commit`` keeps the notes, ``rollback``
+  drops them, and the next ``begin`` or the return to the pool (whichever comes first) publishes
   them. A rolled-back append therefore never wakes anyone, and a hint leaves only
   after its commit has returned.
 - Publishing wakes the subscribers of this process directly (SQLite and PostgreSQL)
   and, on PostgreSQL, hands the hint to the process's notifier thread, which coalesces
-  what arrives meanwhile and sends one ``pg_notify`` per channel in a short transaction
-  of its own (``synchronous_commit`` off: a hint needs no durability), on a connection
-  it borrows from the engine's pool.
+  what arrives meanwhile and sends one ``pg_notify`` per channel on a connection of its
+  own (autocommit, ``synchronous_commit`` off: a hint needs no durability), closed
+  after ``NOTIFIER_IDLE`` seconds without a hint.
 
-Why not NOTIFY inside the append transaction: PostgreSQL takes one lock for the whole
-database's notification queue at commit and holds it until the commit is flushed, so
-concurrent writers commit one at a time (measured by ``bench/notify_lock.py``).
+Why not NOTIFY inside the append transaction: PostgreSQL takes one lock for the
+server's notification queue (shared by every database) at commit and holds it until the
+commit is flushed, so concurrent writers that NOTIFY commit one at a time and lose group
+commit (measured by ``bench/notify_lock.py``).
 
 - On PostgreSQL each process has one listener per database: a thread with a
   connection of its own (outside the pool) that LISTENs on the channels its subscribers
@@ -354,10 +355,11 @@ class _Hub:
     def set_listening(self, channels: frozenset[str]) -> None:
         self._listening = channels
 
-    def retire_listener(self, listener: _Listener) -> bool:
-        """The listener asks to stop (nothing to listen to): yes unless a subscriber came."""
+    def retire_listener(self, listener: _Listener, *, lingering: bool = True) -> bool:
+        """The listener asks to stop (nothing to listen to): yes unless a subscriber came
+        (or, with ``lingering``, a waiter left less than ``WAITER_LINGER`` ago)."""
         with self._lock:
-            if self._subscriptions or time.monotonic() < self._linger_until:
+            if self._subscriptions or (lingering and time.monotonic() < self._linger_until):
                 return False
             if self._listener is listener:
                 self._listener = None
@@ -426,8 +428,7 @@ class _Notifier(threading.Thread):
     def _close(self) -> None:
         raw, self._raw, self._conn = self._raw, None, None
         if raw is not None:
-            with contextlib.suppress(Exception):  # closing a broken one may fail too
-                raw.close()
+            _close_detached(raw)
 
 
 def encode(token: str, hints: Iterable[Hint]) -> str:
@@ -484,6 +485,8 @@ class _Listener(threading.Thread):
                 self._serve()
                 return  # nothing left to listen to
             except Exception as exc:
+                if self.hub.retire_listener(self, lingering=False):
+                    return  # only lingering: no one to reconnect for
                 if self._listened or not self._failing:
                     delay = RECONNECT_BACKOFF[0]
                     logger.warning(
@@ -540,8 +543,17 @@ class _Listener(threading.Thread):
                     last_checked = time.monotonic()
         finally:
             self.hub.set_listening(frozenset())
-            with contextlib.suppress(Exception):  # closing a broken one may fail too
-                raw.close()
+            _close_detached(raw)
+
+
+def _close_detached(raw: Any) -> None:
+    """Close a connection detached from its pool: the driver's connection first, then the
+    pool's wrapper, invalidated so that it does not try to roll back a dead connection
+    (which SQLAlchemy would log as an error)."""
+    with contextlib.suppress(Exception):  # closing a broken one may fail too
+        raw.driver_connection.close()
+    with contextlib.suppress(Exception):
+        raw.invalidate()
 
 
 def _identifier(name: str) -> str:

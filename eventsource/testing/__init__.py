@@ -21,6 +21,13 @@ works too. Fixtures:
 ``run_projections``
     ``run_projections(*projections)`` runs projections inside the test's transaction
     until they have handled everything appended so far and returns what each handled.
+``wait_until_handled``
+    ``wait_until_handled(projections, position, timeout=10.0, all_partitions=False)``:
+    :func:`eventsource.wait_until_handled` on ``eventsource_engine``, for tests whose
+    appends commit and whose processors run (in threads, or other processes) on that
+    engine; a timeout fails the test with the message naming the partitions behind.
+    Events appended in the test's transaction never commit: ``run_projections``
+    handles those.
 
 The application's own tables go into the same database, once per test session (and
 per xdist worker), from ini options (pytest.ini, or ``[tool.pytest.ini_options]``):
@@ -55,8 +62,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from eventsource import database
+from eventsource import database, errors
+from eventsource import handled as handled_events
 from eventsource.events import PersistedEvent
+from eventsource.partition import PartitionStrategy
 from eventsource.processor import Processor, ProcessorConfig
 from eventsource.projection import Projection
 from eventsource.store import EventStore
@@ -114,6 +123,7 @@ class ProjectionRun(dict[str, list[PersistedEvent]]):
 
 
 RunProjections = Callable[..., ProjectionRun]
+WaitUntilHandled = Callable[..., None]
 
 
 @pytest.fixture(scope="session")
@@ -365,6 +375,38 @@ def run_projections(
     return run
 
 
+@pytest.fixture
+def wait_until_handled(eventsource_engine: sa.Engine) -> WaitUntilHandled:
+    """Wait until projections have handled a committed event; fail the test on timeout."""
+
+    def wait(
+        projections: handled_events.Projections,
+        position: handled_events.Position,
+        *,
+        timeout: float = handled_events.DEFAULT_TIMEOUT,
+        all_partitions: bool = False,
+        store: EventStore | None = None,
+        partition_strategy: PartitionStrategy | None = None,
+    ) -> None:
+        try:
+            handled_events.wait_until_handled(
+                eventsource_engine,
+                projections,
+                position,
+                timeout=timeout,
+                all_partitions=all_partitions,
+                store=store,
+                partition_strategy=partition_strategy,
+            )
+        except errors.WaitTimeoutError as exc:
+            message = str(exc)
+        else:
+            return
+        pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
+
+    return wait
+
+
 class _Recorder(Projection, abstract=True):
     """Delegates to a projection and remembers what it handled."""
 
@@ -388,6 +430,7 @@ class _Recorder(Projection, abstract=True):
 __all__ = [
     "ProjectionRun",
     "RunProjections",
+    "WaitUntilHandled",
     "create_schema",
     "event_store",
     "eventsource_connection",
@@ -396,4 +439,5 @@ __all__ = [
     "eventsource_session",
     "eventsource_sessionmaker",
     "run_projections",
+    "wait_until_handled",
 ]
