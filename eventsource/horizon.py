@@ -286,10 +286,16 @@ class StoreHorizon:
 
     def __init__(self, names: models.TableNames) -> None:
         self.names = names
-        # R1: X is read by the statement's snapshot, taken before pg_locks is read.
+        # R1: X is read by the statement's snapshot, taken before pg_locks is read. A
+        # writer is given its id a moment before it locks it (AssignTransactionId): one
+        # marked without a visible id may hold an id below X already, running in the
+        # snapshot, so not below the snapshot's xmin, which bounds it then.
+        marked = _marked_sql(names.events, "s.x", unassigned="s.xmin")
         self._first = sa.text(
-            f"""SELECT x, least(x, ({_marked_sql(names.events, "s.x")})) AS h
-                FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x) AS s"""
+            f"""SELECT x, least(x, ({marked})) AS h
+                FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x,
+                             pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin
+                     ) AS s"""
         )
         # R2, through the migration's function (it holds the rights on the sequence).
         self._publish = sa.text(f"SELECT {_quote_text(publish_function_name(names))}(:h)")
@@ -371,9 +377,10 @@ class StoreHorizon:
         return int(candidate) if marked is None else min(int(candidate), int(marked))
 
 
-def _marked_sql(events_table: str, ref: str) -> str:
+def _marked_sql(events_table: str, ref: str, unassigned: str | None = None) -> str:
     """SQL: the smallest id among the store's marked transactions (NULL: none), widened
-    to 64 bits against ``ref``.
+    to 64 bits against ``ref``. With ``unassigned``, a marked transaction whose id lock
+    is not (yet) shown counts as that value instead of not at all.
 
     Each holder's own ids (a transaction holds ExclusiveLock on its id and on its
     subtransactions'; a prepared one keeps them, with no pid) grouped by the virtual
@@ -384,8 +391,9 @@ def _marked_sql(events_table: str, ref: str) -> str:
     """
     xid = "transactionid::text::bigint"
     prepared = "transaction::text::bigint"
+    x8 = "x8" if unassigned is None else f"coalesce(x8, {unassigned})"
     return f"""
-            SELECT min(x8) FROM (
+            SELECT min({x8}) FROM (
                 SELECT min({_full(xid, ref)}) FILTER (
                         WHERE locktype = 'transactionid' AND mode = 'ExclusiveLock') AS x8,
                     bool_or({_writer_lock("", events_table)}) AS marked
