@@ -40,6 +40,7 @@ Poolers that do not carry LISTEN (PgBouncer in transaction mode) need wake-ups o
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -64,6 +65,8 @@ _COMMITTED = "eventsource.wakeups.committed"
 #: PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; past this a hint says
 #: "everything" instead of listing what was appended.
 MAX_PAYLOAD = 7000
+#: At exit, how long the process waits for its hints to be sent.
+EXIT_DRAIN = 2.0
 #: The notifier closes its connection (and ends) after this long without a hint.
 NOTIFIER_IDLE = 10.0
 #: How long the listener waits for notifications before it looks at its subscriptions.
@@ -181,8 +184,22 @@ def publish_checkpoint(engine: sa.Engine, events_table: str, checkpoint_name: st
 # -- engine events ----------------------------------------------------------------
 
 
+def _info(connection: sa.Connection) -> dict[Any, Any] | None:
+    """The connection's ``info``, or None when it has none to give: an invalidated
+    connection (its DBAPI connection lost, the notes with it) refuses to reconnect
+    inside its transaction, and these hooks run during its rollback."""
+    if connection.invalidated or connection.closed:
+        return None
+    try:
+        return connection.info
+    except sa.exc.SQLAlchemyError:
+        return None
+
+
 def _on_commit(connection: sa.Connection) -> None:
-    info = connection.info
+    info = _info(connection)
+    if info is None:
+        return
     pending = info.pop(_PENDING, None)
     if pending:
         committed = info.get(_COMMITTED)
@@ -193,11 +210,15 @@ def _on_commit(connection: sa.Connection) -> None:
 
 
 def _on_rollback(connection: sa.Connection) -> None:
-    connection.info.pop(_PENDING, None)
+    info = _info(connection)
+    if info is not None:
+        info.pop(_PENDING, None)
 
 
 def _on_begin(connection: sa.Connection) -> None:
-    _flush(connection.info)
+    info = _info(connection)
+    if info is not None:
+        _flush(info)
 
 
 def _on_checkin(dbapi_connection: Any, record: Any) -> None:
@@ -231,6 +252,19 @@ sa.event.listen(sa.Engine, "commit", _on_commit)
 sa.event.listen(sa.Engine, "rollback", _on_rollback)
 sa.event.listen(sa.Engine, "begin", _on_begin)
 sa.event.listen(sa.pool.Pool, "checkin", _on_checkin)
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """A process that exits right after its commit (a script, a job, a CLI command) still
+    sends its hints: the notifier is a daemon thread, ended with the interpreter."""
+    if _hubs_pid != os.getpid():
+        return
+    deadline = time.monotonic() + EXIT_DRAIN
+    for hub in list(_hubs.values()):
+        notifier = hub._notifier
+        if notifier is not None:
+            notifier.drain(max(0.0, deadline - time.monotonic()))
 
 
 # -- hubs: one per database per process --------------------------------------------
@@ -293,6 +327,17 @@ class _Hub:
         self._listener: _Listener | None = None
         self._listening: frozenset[str] = frozenset()
         self._linger_until = 0.0
+        self._pool: sa.pool.Pool | None = None
+
+    def connect(self) -> Any:
+        """A connection for the notifier or the listener, from a pool of the hub's own made
+        like the engine's (same creator and connect events), so that they never take,
+        add to or disturb the connections of the application's pool."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = self.engine.pool.recreate()
+            pool = self._pool
+        return pool.connect()
 
     # -- publishing
 
@@ -377,6 +422,7 @@ class _Notifier(threading.Thread):
         self.hub = hub
         self._cond = threading.Condition()
         self._queued: dict[str, list[Hint]] = {}
+        self._sending = False
         self._done = False
         self._raw: Any = None
         self._conn: Any = None
@@ -400,8 +446,10 @@ class _Notifier(threading.Thread):
                         self._cond.wait(timeout=NOTIFIER_IDLE)
                     if not self._queued:
                         self._done = True
+                        self._cond.notify_all()
                         return
                     queued, self._queued = self._queued, {}
+                    self._sending = True
                 try:
                     self._send(queued)
                     failures = 0
@@ -411,12 +459,26 @@ class _Notifier(threading.Thread):
                     if failures == 1:
                         logger.warning("could not send wake-up notifications: %s", _first_line(exc))
                     time.sleep(min(RECONNECT_BACKOFF[1], RECONNECT_BACKOFF[0] * 2**failures))
+                finally:
+                    with self._cond:
+                        self._sending = False
+                        self._cond.notify_all()
         finally:
             self._close()
 
+    def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until what was queued has been sent."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._queued or self._sending) and not self._done and self.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
     def _send(self, queued: dict[str, list[Hint]]) -> None:
         if self._conn is None:
-            raw = self.hub.engine.raw_connection()
+            raw = self.hub.connect()
             conn: Any = raw.driver_connection
             raw.detach()  # its own connection: never handed to anyone else
             self._raw, self._conn = raw, conn
@@ -426,9 +488,9 @@ class _Notifier(threading.Thread):
             self._conn.execute("SELECT pg_notify(%s, %s)", (channel, encode(self.hub.token, hints)))
 
     def _close(self) -> None:
-        raw, self._raw, self._conn = self._raw, None, None
+        raw, conn, self._raw, self._conn = self._raw, self._conn, None, None
         if raw is not None:
-            _close_detached(raw)
+            _close_detached(raw, conn)
 
 
 def encode(token: str, hints: Iterable[Hint]) -> str:
@@ -503,7 +565,7 @@ class _Listener(threading.Thread):
     _failing = False
 
     def _serve(self) -> None:
-        raw = self.hub.engine.raw_connection()
+        raw = self.hub.connect()
         conn = raw.driver_connection
         raw.detach()  # its own connection: never handed to anyone else
         try:
@@ -543,15 +605,15 @@ class _Listener(threading.Thread):
                     last_checked = time.monotonic()
         finally:
             self.hub.set_listening(frozenset())
-            _close_detached(raw)
+            _close_detached(raw, conn)
 
 
-def _close_detached(raw: Any) -> None:
-    """Close a connection detached from its pool: the driver's connection first, then the
-    pool's wrapper, invalidated so that it does not try to roll back a dead connection
-    (which SQLAlchemy would log as an error)."""
+def _close_detached(raw: Any, conn: Any) -> None:
+    """Close a connection detached from its pool: the driver's connection ``conn`` (taken
+    before ``detach()``, which forgets it) first, then the pool's wrapper, invalidated so
+    that it does not try to roll back a dead connection (SQLAlchemy would log an error)."""
     with contextlib.suppress(Exception):  # closing a broken one may fail too
-        raw.driver_connection.close()
+        conn.close()
     with contextlib.suppress(Exception):
         raw.invalidate()
 
