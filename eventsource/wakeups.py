@@ -165,7 +165,8 @@ def note_append(
 ) -> None:
     """Remember an append on ``connection``: published once its transaction commits."""
     info = connection.info
-    if _HUB not in info:
+    hub = info.get(_HUB)
+    if hub is None or hub.pid != os.getpid():  # a connection a forked child inherited
         info[_HUB] = _hub_for(connection.engine)
     pending = info.get(_PENDING)
     if pending is None:
@@ -400,6 +401,12 @@ class _Hub:
     def set_listening(self, channels: frozenset[str]) -> None:
         self._listening = channels
 
+    def listener_stopped(self, listener: _Listener) -> None:
+        """Nothing is listened to any more, unless another listener took over meanwhile."""
+        with self._lock:
+            if self._listener is listener or self._listener is None:
+                self._listening = frozenset()
+
     def retire_listener(self, listener: _Listener, *, lingering: bool = True) -> bool:
         """The listener asks to stop (nothing to listen to): yes unless a subscriber came
         (or, with ``lingering``, a waiter left less than ``WAITER_LINGER`` ago)."""
@@ -451,7 +458,11 @@ class _Notifier(threading.Thread):
                     queued, self._queued = self._queued, {}
                     self._sending = True
                 try:
-                    self._send(queued)
+                    try:
+                        self._send(queued)
+                    except Exception:  # a connection the server closed: once more, anew
+                        self._close()
+                        self._send(queued)
                     failures = 0
                 except Exception as exc:  # a hint lost costs latency only: polls remain
                     self._close()
@@ -547,6 +558,7 @@ class _Listener(threading.Thread):
                 self._serve()
                 return  # nothing left to listen to
             except Exception as exc:
+                self.hub.listener_stopped(self)
                 if self.hub.retire_listener(self, lingering=False):
                     return  # only lingering: no one to reconnect for
                 if self._listened or not self._failing:
@@ -604,7 +616,7 @@ class _Listener(threading.Thread):
                     conn.execute("SELECT 1")
                     last_checked = time.monotonic()
         finally:
-            self.hub.set_listening(frozenset())
+            self.hub.listener_stopped(self)
             _close_detached(raw, conn)
 
 

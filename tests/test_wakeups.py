@@ -138,14 +138,17 @@ class Runs:
     def __enter__(self) -> Runs:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, failed: type[BaseException] | None, *exc: object) -> None:
         for run in self.runs:
             run.processor.stop()
         for run in self.runs:
             run.background.join(30)
-        for run in self.runs:
+        for run in self.runs:  # a processor's error explains the rest
             if run.background.error is not None:
                 raise run.background.error
+        if failed is not None:
+            return  # the test's own failure says the rest
+        for run in self.runs:
             assert run.batches.failed == 0, f"{run.projection.name}: a batch failed"
         # The last subscription gone, the listener closes its connection.
         for engine in {id(run.engine): run.engine for run in self.runs}.values():
