@@ -45,6 +45,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -65,6 +66,11 @@ _COMMITTED = "eventsource.wakeups.committed"
 #: PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; past this a hint says
 #: "everything" instead of listing what was appended.
 MAX_PAYLOAD = 7000
+#: The notifier sends at most once per this many seconds (per process and database): the
+#: first hint after a quiet spell at once, a stream of them coalesced. Each send is a
+#: small transaction on the server; one per append would cost writers a fifth or more
+#: of their throughput on a small machine (bench/notify_lock.py).
+NOTIFY_MIN_INTERVAL = 0.005
 #: At exit, how long the process waits for its hints to be sent.
 EXIT_DRAIN = 2.0
 #: The notifier closes its connection (and ends) after this long without a hint.
@@ -439,13 +445,16 @@ class _Notifier(threading.Thread):
         with self._cond:
             if self._done:
                 return False
+            was_empty = not self._queued
             for channel, hint in hints.items():
                 self._queued.setdefault(channel, []).append(hint)
-            self._cond.notify()
+            if was_empty:  # else it is already awake, or waiting out NOTIFY_MIN_INTERVAL
+                self._cond.notify()
             return True
 
     def run(self) -> None:
         failures = 0
+        last_sent = -math.inf
         try:
             while True:
                 with self._cond:
@@ -455,6 +464,10 @@ class _Notifier(threading.Thread):
                         self._done = True
                         self._cond.notify_all()
                         return
+                    # At most one send per NOTIFY_MIN_INTERVAL: the first hint after a
+                    # quiet spell leaves at once, a stream of them in coalesced sends.
+                    while (left := last_sent + NOTIFY_MIN_INTERVAL - time.monotonic()) > 0:
+                        self._cond.wait(left)
                     queued, self._queued = self._queued, {}
                     self._sending = True
                 try:
@@ -464,6 +477,7 @@ class _Notifier(threading.Thread):
                         self._close()
                         self._send(queued)
                     failures = 0
+                    last_sent = time.monotonic()
                 except Exception as exc:  # a hint lost costs latency only: polls remain
                     self._close()
                     failures += 1
