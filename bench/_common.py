@@ -107,6 +107,22 @@ def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 # -- reporting -------------------------------------------------------------------------
 
 
+def print_setup(settings: dict[str, str], url: sa.URL) -> None:
+    """Print the server's durability settings and the versions a run used."""
+    print(
+        f"PostgreSQL {settings.get('server_version', '?')}: "
+        f"fsync={settings.get('fsync', '?')} "
+        f"synchronous_commit={settings.get('synchronous_commit', '?')} "
+        f"wal_sync_method={settings.get('wal_sync_method', '?')} "
+        f"commit_delay={settings.get('commit_delay', '?')}"
+    )
+    print(
+        f"database {url.database} on {url.host}:{url.port}; "
+        f"SQLAlchemy {sa.__version__}, psycopg {psycopg.__version__}, "
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
+    )
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], aligns: str) -> None:
     """Print a plain-text table; ``aligns`` has one ``<`` (left) or ``>`` per column."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]

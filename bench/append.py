@@ -38,7 +38,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import statistics
 import sys
@@ -68,6 +67,7 @@ from _common import (
     add_url_argument,
     exit_on_sigterm,
     fmt_rate,
+    print_setup,
     print_table,
     psycopg_conninfo,
     server_settings,
@@ -493,18 +493,7 @@ def run(args: argparse.Namespace, url: sa.URL) -> int:
 
     per_measure = f"{args.events} events" if args.events is not None else f"{args.seconds:g} s"
     print("eventsource append benchmark")
-    print(
-        f"PostgreSQL {settings.get('server_version', '?')}: "
-        f"fsync={settings.get('fsync', '?')} "
-        f"synchronous_commit={settings.get('synchronous_commit', '?')} "
-        f"wal_sync_method={settings.get('wal_sync_method', '?')} "
-        f"commit_delay={settings.get('commit_delay', '?')}"
-    )
-    print(
-        f"database {url.database} on {url.host}:{url.port}; "
-        f"SQLAlchemy {sa.__version__}, psycopg {psycopg.__version__}, "
-        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
-    )
+    print_setup(settings, url)
     print(
         f"{args.rounds} interleaved rounds x {per_measure} per measurement; "
         f"ExpectedVersion.exact(v) tracked per aggregate; {n_aggs} aggregates per writer, "

@@ -97,6 +97,7 @@ from _common import (
     add_url_argument,
     exit_on_sigterm,
     fmt_rate,
+    print_setup,
     print_table,
     psycopg_conninfo,
     server_settings,
@@ -667,18 +668,7 @@ def run(args: argparse.Namespace, url: sa.URL) -> None:
     ]
 
     print("NOTIFY and concurrent writers: appends per second")
-    print(
-        f"PostgreSQL {settings.get('server_version', '?')}: "
-        f"fsync={settings.get('fsync', '?')} "
-        f"synchronous_commit={settings.get('synchronous_commit', '?')} "
-        f"wal_sync_method={settings.get('wal_sync_method', '?')} "
-        f"commit_delay={settings.get('commit_delay', '?')}"
-    )
-    print(
-        f"database {url.database} on {url.host}:{url.port}; "
-        f"SQLAlchemy {sa.__version__}, psycopg {psycopg.__version__}, "
-        f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
-    )
+    print_setup(settings, url)
     print(
         f"{args.rounds} interleaved rounds x {args.seconds:g} s per measurement, "
         f"{' and '.join(scenario(n) for n in counts)} (processes), single-event "
