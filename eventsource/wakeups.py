@@ -50,6 +50,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -280,6 +281,7 @@ def _drain_at_exit() -> None:
 _hubs: dict[tuple[Any, ...], _Hub] = {}
 _hubs_lock = threading.Lock()
 _hubs_pid = os.getpid()
+_by_engine: weakref.WeakKeyDictionary[sa.Engine, _Hub] = weakref.WeakKeyDictionary()
 
 
 def _database_key(engine: sa.Engine) -> tuple[Any, ...]:
@@ -304,6 +306,17 @@ def _root(engine: sa.Engine) -> sa.Engine:
 
 
 def _hub_for(engine: sa.Engine) -> _Hub:
+    # Processors publish after every batch that moved: the lookup by engine spares
+    # them the key (a realpath on SQLite) and the lock.
+    known = _by_engine.get(engine)
+    if known is not None and known.pid == os.getpid():
+        return known
+    hub = _find_hub(engine)
+    _by_engine[engine] = hub
+    return hub
+
+
+def _find_hub(engine: sa.Engine) -> _Hub:
     global _hubs_pid
     root = _root(engine)
     key = _database_key(root)
