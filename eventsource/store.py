@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session
 
-from eventsource import cluster, database, errors, horizon, models, partition, wakeups
+from eventsource import cluster, database, direct, errors, horizon, models, partition, wakeups
 from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
 
 logger = logging.getLogger("eventsource.store")
@@ -246,7 +246,7 @@ class EventStore:
     ) -> list[tuple[int, int]]:
         statement = self._pg.append[(expected.kind, len(batch.events) == 1)]
         try:
-            rows = conn.exec_driver_sql(statement, self._pg.params(batch, expected)).all()
+            rows = direct.fetch_all(conn, statement, self._pg.params(batch, expected))
         except sa.exc.IntegrityError as exc:
             raise self._translate_integrity_error(exc, batch, expected) from exc
         if not rows:
@@ -466,8 +466,10 @@ class EventStore:
 class _PostgresStatements:
     """The PostgreSQL append statements, built once, in the driver's own placeholder style.
 
-    They run through ``exec_driver_sql``: a hand-written statement gains nothing from
-    SQLAlchemy's parameter processing, which cost as much as the insert itself. One
+    They run through :func:`eventsource.direct.fetch_all` (psycopg itself, or
+    ``exec_driver_sql`` when statement events are listened to): a hand-written statement
+    gains nothing from SQLAlchemy's parameter processing, which cost as much as the
+    insert itself. One
     event binds plain values; several travel as one JSON array decoded by the server
     (cheaper for the driver than nine typed arrays).
     """
@@ -566,14 +568,22 @@ class _PostgresStatements:
 
 def _event_json(batch: _Batch, i: int) -> str:
     """One event's row for jsonb_to_recordset, splicing in the already-encoded payload."""
-    event = batch.events[i]
     return (
-        f'{{"i":"{batch.event_ids[i]}","t":{_encode(event.event_type)},'
-        f'"v":{event.event_version},"p":{batch.payloads_json[i]},'
-        f'"m":{batch.metadatas_json[i] or "null"},"c":{_encode(event.causation_id)},'
-        f'"r":{_encode(event.correlation_id)},"x":{_encode(event.trace_id)},'
+        f'{{"i":"{batch.event_ids[i]}","t":{_quote(batch.event_types[i])},'
+        f'"v":{batch.event_versions[i]},"p":{batch.payloads_json[i]},'
+        f'"m":{batch.metadatas_json[i] or "null"},"c":{_json_text(batch.causation_ids[i])},'
+        f'"r":{_json_text(batch.correlation_ids[i])},"x":{_json_text(batch.trace_ids[i])},'
         f'"a":"{batch.created_ats[i].isoformat()}"}}'
     )
+
+
+#: A str as a JSON string, as ``_encode`` writes it (the json module's C function;
+#: the text was validated, so it holds no lone surrogates), without its per-call setup.
+_quote: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else _quote(value)
 
 
 class _IdentifierQuoter:
@@ -635,21 +645,23 @@ def _validate(
         trace_ids=[],
         created_ats=[],
     )
+    checked_type = None  # the event type last checked: batches usually repeat one
     for i, event in enumerate(events):
-        where = f"events[{i}]"
         if not isinstance(event, Event):
-            raise errors.ValidationError(f"{where} is a {type(event).__name__}, not an Event")
+            raise errors.ValidationError(f"events[{i}] is a {type(event).__name__}, not an Event")
         if (event.bounded_context, event.aggregate_type, event.aggregate_id) != key:
             raise errors.ValidationError(
-                f"{where} belongs to {event.bounded_context}/{event.aggregate_type}/"
+                f"events[{i}] belongs to {event.bounded_context}/{event.aggregate_type}/"
                 f"{event.aggregate_id}, but one append takes events of one aggregate "
                 f"({key[0]}/{key[1]}/{key[2]})"
             )
-        _require_text(f"{where}.event_type", event.event_type)
+        if event.event_type != checked_type or type(event.event_type) is not str:
+            _require_text(f"events[{i}].event_type", event.event_type)
+            checked_type = event.event_type
         if not isinstance(event.event_id, uuid.UUID):
-            raise errors.ValidationError(f"{where}.event_id must be a uuid.UUID")
+            raise errors.ValidationError(f"events[{i}].event_id must be a uuid.UUID")
         if event.event_id in seen:
-            raise errors.DuplicateEventError(f"{where}.event_id {event.event_id} appears twice")
+            raise errors.DuplicateEventError(f"events[{i}].event_id {event.event_id} appears twice")
         seen.add(event.event_id)
         ev_version = event.event_version
         if (
@@ -658,31 +670,39 @@ def _validate(
             or not 1 <= ev_version <= _MAX_INT32
         ):
             raise errors.ValidationError(
-                f"{where}.event_version must be an int in 1..{_MAX_INT32}, got {ev_version!r}"
+                f"events[{i}].event_version must be an int in 1..{_MAX_INT32}, got {ev_version!r}"
             )
         if event.metadata is not None and not isinstance(event.metadata, Mapping):
-            raise errors.ValidationError(f"{where}.metadata must be a mapping or None")
-        for name in ("causation_id", "correlation_id", "trace_id"):
-            value = getattr(event, name)
-            if value is not None and not isinstance(value, str):
-                raise errors.ValidationError(f"{where}.{name} must be a str, a uuid.UUID or None")
-            if value is not None and "\x00" in value:
-                raise errors.ValidationError(f"{where}.{name} contains a NUL character")
-            if value is not None:
-                _require_utf8(f"{where}.{name}", value)
+            raise errors.ValidationError(f"events[{i}].metadata must be a mapping or None")
+        if not (
+            event.causation_id is None and event.correlation_id is None and event.trace_id is None
+        ):
+            for name in ("causation_id", "correlation_id", "trace_id"):
+                value = getattr(event, name)
+                if value is None:
+                    continue
+                if not isinstance(value, str):
+                    raise errors.ValidationError(
+                        f"events[{i}].{name} must be a str, a uuid.UUID or None"
+                    )
+                if "\x00" in value:
+                    raise errors.ValidationError(f"events[{i}].{name} contains a NUL character")
+                _require_utf8(f"events[{i}].{name}", value)
         created = event.created_at
         if created is None:
             created = now
         elif not isinstance(created, datetime) or created.tzinfo is None:
-            raise errors.ValidationError(f"{where}.created_at must be a timezone-aware datetime")
+            raise errors.ValidationError(
+                f"events[{i}].created_at must be a timezone-aware datetime"
+            )
         batch.event_ids.append(event.event_id)
         batch.event_types.append(event.event_type)
         batch.event_versions.append(ev_version)
-        payload_json = _to_json(f"{where}.payload", event.payload, encode)
+        payload_json = _to_json(f"events[{i}].payload", event.payload, encode)
         metadata_json = (
             None
             if event.metadata is None
-            else _to_json(f"{where}.metadata", dict(event.metadata), encode)
+            else _to_json(f"events[{i}].metadata", dict(event.metadata), encode)
         )
         batch.payloads_json.append(payload_json)
         batch.metadatas_json.append(metadata_json)
