@@ -6,6 +6,7 @@ step with projections run by a :class:`Processor` or :class:`Runner`.
 
 from __future__ import annotations
 
+from eventsource.bulk import BulkAppendResult
 from eventsource.database import (
     configure_engine,
     create_engine,
@@ -56,6 +57,7 @@ __all__ = [
     "AppendOrderError",
     "AppendResult",
     "BatchResult",
+    "BulkAppendResult",
     "CheckpointLostError",
     "ConfigurationError",
     "DatabaseUnavailableError",

@@ -1,4 +1,5 @@
-"""The ``eventsource`` command: migrate, watch lag, run, reset and rebuild projections.
+"""The ``eventsource`` command: migrate, import events, watch lag, run, reset and rebuild
+projections.
 
 A thin layer over the library: each command calls a Python function that can be used
 directly (``database.upgrade``, ``status.status``, ``rebuild.rebuild``...).
@@ -7,20 +8,30 @@ directly (``database.upgrade``, ``status.status``, ``rebuild.rebuild``...).
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import logging
 import os
 import re
+import shutil
+import stat
 import sys
+import tempfile
 import textwrap
+import time
+import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from datetime import datetime
+from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
 import click
 import sqlalchemy as sa
 
 from eventsource import cluster, database, deadletters, errors, versions
+from eventsource.bulk import DEFAULT_CHUNK_SIZE, BulkAppendResult
+from eventsource.events import Event
 from eventsource.horizon import HORIZON_RULES, HorizonRule
 from eventsource.processor import (
     DEFAULT_BLOCKED_WARNING_AFTER,
@@ -199,7 +210,8 @@ def _flat(message: str) -> str:
 @click.version_option(package_name="eventsource")
 @click.pass_context
 def main(click_ctx: click.Context, database_url: str | None, verbose: int) -> None:
-    """Operate eventsource: migrate, watch lag, run, reset and rebuild projections.
+    """Operate eventsource: migrate, import events, watch lag, run, reset and rebuild
+    projections.
 
     Projections come from your application as MODULE:ATTRIBUTE, naming a projection,
     a list of projections or of (projection, processor) pairs, or a function
@@ -1305,6 +1317,253 @@ def _retry_line(result: deadletters.RetryResult) -> str:
         f"{what}: applied {len(result.applied)} event(s), then parked dead letter "
         f"{result.blocked_by} failed (attempt {result.attempts}): "
         f"{_one_line(result.error or '')}; it now heads the aggregate"
+    )
+
+
+# -- import -----------------------------------------------------------------------
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CHUNK_SIZE,
+    show_default=True,
+    help="Events validated and written at a time (larger helps when aggregates interleave).",
+)
+@click.option("--no-progress", is_flag=True, help="Draw no progress bar on stderr.")
+@click.pass_obj
+def import_command(ctx: Context, file: str, chunk_size: int, no_progress: bool) -> None:
+    """Append the events of FILE (JSON Lines; - reads stdin) in one transaction: all of
+    them, or nothing.
+
+    One JSON object per line, with the fields of an Event: bounded_context,
+    aggregate_type, aggregate_id, event_type, payload, and optionally event_version,
+    metadata, event_id, causation_id, correlation_id, trace_id, created_at (ISO 8601
+    with a UTC offset) and aggregate_version (the version the event must get; checked).
+    Events without one get the next versions of their aggregates, in file order. The
+    store's checks apply as to every append; the first error names its line and
+    nothing is written. Blank lines are skipped.
+    """
+    engine = ctx.engine()
+    try:
+        result, seconds = _run_import(ctx, engine, file, chunk_size, no_progress=no_progress)
+    finally:
+        engine.dispose()  # its connections closed now, not whenever it is collected
+    if not result.events:
+        click.echo(f"imported no events: {file} has none")
+        return
+    click.echo(
+        f"imported {result.events:,} events of {result.aggregates:,} aggregates, at positions "
+        f"{result.first_position}..{result.last_position}, in {seconds:.1f}s "
+        f"({result.events / max(seconds, 1e-9):,.0f} events/s)"
+    )
+
+
+def _run_import(
+    ctx: Context, engine: sa.Engine, file: str, chunk_size: int, *, no_progress: bool
+) -> tuple[BulkAppendResult, float]:
+    """Import FILE in one transaction: the result, and the seconds it took."""
+    store = EventStore()
+    with _database_errors(ctx), engine.connect() as connection:
+        require_schema(connection, store)
+    with _import_source(file) as (source, size):
+        # Two chunks: bulk_append validates the next one while the server writes one.
+        lines = _ImportLines(source, window=2 * chunk_size + 1)
+        bar = _import_bar(file, size, disabled=no_progress)
+        written = 0
+
+        def progress(count: int) -> None:
+            nonlocal written
+            written += count
+            bar.set_postfix_str(f"{written:,} events", refresh=False)
+            bar.update(lines.bytes_through(written - 1) - bar.n)
+
+        started = time.monotonic()
+        try:
+            with _database_errors(ctx), engine.begin() as connection:
+                try:
+                    result = store.bulk_append(
+                        connection, lines, chunk_size=chunk_size, progress=progress
+                    )
+                except errors.EventSourceError as exc:
+                    about_a_line = lines.error(exc)
+                    if about_a_line is None:
+                        raise
+                    raise about_a_line from exc
+            bar.update(bar.total - bar.n if bar.total else 0)
+        finally:
+            bar.close()
+    return result, time.monotonic() - started
+
+
+#: The fields of an import line: an Event's, and the version it must get.
+_IMPORT_REQUIRED = ("bounded_context", "aggregate_type", "aggregate_id", "event_type", "payload")
+_IMPORT_OPTIONAL = (
+    "event_version",
+    "metadata",
+    "event_id",
+    "causation_id",
+    "correlation_id",
+    "trace_id",
+    "created_at",
+    "aggregate_version",
+)
+
+
+#: An item of bulk_append's input, as its errors name one.
+_ITEM = re.compile(r"\bitem (\d+)\b")
+
+
+class _ImportLineError(click.ClickException):
+    """A line of the import that is wrong: its number first, and that nothing was written."""
+
+    def __init__(self, number: int, why: str) -> None:
+        super().__init__(f"line {number}: {why}; nothing was imported")
+
+
+@contextmanager
+def _import_source(file: str) -> Iterator[tuple[IO[bytes], int]]:
+    """The file to import and its size. Anything but a regular file (stdin, a pipe) is
+    copied to a temporary file first: the import's transaction then never waits for a
+    slow writer (it holds projections back while open), and the size is known."""
+    opened: IO[bytes] = (
+        click.get_binary_stream("stdin") if file == "-" else open(file, "rb")  # noqa: SIM115
+    )
+    try:
+        try:
+            status = os.fstat(opened.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            status = None
+        if status is not None and stat.S_ISREG(status.st_mode):
+            yield opened, max(0, status.st_size - opened.tell())
+            return
+        with tempfile.TemporaryFile() as spooled:
+            shutil.copyfileobj(opened, spooled, 1 << 20)
+            size = spooled.tell()
+            spooled.seek(0)
+            yield spooled, size
+    finally:
+        if file != "-":
+            opened.close()
+
+
+class _ImportLines:
+    """The events of an import file, one per line, read as bulk_append asks for them.
+
+    Remembers the line number and the bytes read through each of the last ``window``
+    events: an error bulk_append raises about an item (``item_index``) then names its
+    line, and progress shows bytes written.
+    """
+
+    def __init__(self, source: IO[bytes], *, window: int) -> None:
+        self.source = source
+        self.recent: deque[tuple[int, int]] = deque(maxlen=window)
+        self.count = 0
+
+    def __iter__(self) -> Iterator[Event | tuple[Event, int]]:
+        read = 0
+        for number, line in enumerate(self.source, 1):
+            read += len(line)
+            item = _import_item(number, line)
+            if item is None:
+                continue
+            self.recent.append((number, read))
+            self.count += 1
+            yield item
+
+    def _at(self, index: int) -> tuple[int, int] | None:
+        offset = index - (self.count - len(self.recent))
+        return self.recent[offset] if 0 <= offset < len(self.recent) else None
+
+    def bytes_through(self, index: int) -> int:
+        found = self._at(index)
+        return 0 if found is None else found[1]
+
+    def error(self, exc: errors.EventSourceError) -> _ImportLineError | None:
+        """An error bulk_append raised about one item, as an error about its line."""
+        index = getattr(exc, "item_index", None)
+        found = None if index is None else self._at(index)
+        if found is None:
+            return None
+        why = str(exc).removeprefix(f"item {index}: ")
+        # Another item it names ("also item 12"): its line too.
+        why = _ITEM.sub(lambda m: f"line {(self._at(int(m[1])) or (0, 0))[0]}", why)
+        return _ImportLineError(found[0], why)
+
+
+def _import_item(number: int, line: bytes) -> Event | tuple[Event, int] | None:
+    """The event of one line (None for a blank one), or _ImportLineError."""
+    if not line.strip():
+        return None
+    try:
+        data = json.loads(line)
+    except ValueError as exc:  # also bytes that are not UTF-8
+        raise _ImportLineError(number, f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _ImportLineError(number, f"expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - {*_IMPORT_REQUIRED, *_IMPORT_OPTIONAL})
+    if unknown:
+        raise _ImportLineError(
+            number,
+            f"unknown field(s) {', '.join(map(repr, unknown))} (an event has "
+            f"{', '.join(_IMPORT_REQUIRED + _IMPORT_OPTIONAL)})",
+        )
+    missing = [name for name in _IMPORT_REQUIRED if name not in data]
+    if missing:
+        raise _ImportLineError(number, f"missing field(s) {', '.join(map(repr, missing))}")
+    # An optional field given as null is left out (exporters write nulls).
+    fields = {name: value for name, value in data.items() if value is not None}
+    fields["payload"] = data["payload"]
+    version = fields.pop("aggregate_version", None)
+    if "event_id" in fields:
+        fields["event_id"] = _import_uuid(number, fields["event_id"])
+    if "created_at" in fields:
+        fields["created_at"] = _import_timestamp(number, fields["created_at"])
+    event = Event(**fields)
+    return event if version is None else (event, version)
+
+
+def _import_uuid(number: int, value: object) -> uuid.UUID:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return uuid.UUID(value)
+    except ValueError:
+        raise _ImportLineError(number, f"event_id must be a UUID string, got {value!r}") from None
+
+
+def _import_timestamp(number: int, value: object) -> datetime:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise _ImportLineError(
+            number, f"created_at must be ISO 8601 text with a UTC offset, got {value!r}"
+        ) from None
+    if parsed.tzinfo is None:
+        raise _ImportLineError(
+            number, f"created_at {value!r} has no UTC offset (add one, e.g. +00:00 or Z)"
+        )
+    return parsed
+
+
+def _import_bar(file: str, size: int, *, disabled: bool) -> tqdm.tqdm[Any]:
+    """Bytes of the file written so far, and the events."""
+    import tqdm
+
+    name = "stdin" if file == "-" else os.path.basename(file)
+    return tqdm.tqdm(
+        total=size,
+        desc=f"import {name}",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=disabled,
+        dynamic_ncols=True,
     )
 
 

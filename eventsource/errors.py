@@ -28,6 +28,10 @@ from __future__ import annotations
 class EventSourceError(Exception):
     """Base class of every error raised by eventsource."""
 
+    #: For an error about one item of :meth:`EventStore.bulk_append`'s input: its index
+    #: (also named in the message, as ``item N``). None otherwise.
+    item_index: int | None = None
+
 
 class ValidationError(EventSourceError, ValueError):
     """Input was rejected before anything was written."""

@@ -19,16 +19,19 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session
 
 from eventsource import cluster, database, direct, errors, horizon, models, partition, wakeups
 from eventsource.events import AppendResult, Event, ExpectedVersion, PersistedEvent, Stream
+
+if TYPE_CHECKING:
+    from eventsource.bulk import BulkAppendResult
 
 logger = logging.getLogger("eventsource.store")
 
@@ -215,6 +218,25 @@ class EventStore:
                 batch.partition_hash,
             )
         return AppendResult(tuple(_persisted(batch, stored)))
+
+    def bulk_append(
+        self,
+        session: SessionOrConnection,
+        events: Iterable[Event | tuple[Event, int]],
+        *,
+        chunk_size: int = 5000,
+        progress: Callable[[int], None] | None = None,
+    ) -> BulkAppendResult:
+        """Append a history of many aggregates at close to ``COPY`` speed, with the
+        guarantees of :meth:`append` (see :func:`eventsource.bulk.bulk_append`).
+
+        An item is an Event (it gets its aggregate's next version) or ``(event,
+        aggregate_version)`` (the version it must get). All or nothing: after an error
+        nothing of the import remains, and the caller's transaction is usable.
+        """
+        from eventsource import bulk  # bulk builds on this module
+
+        return bulk.bulk_append(self, session, events, chunk_size=chunk_size, progress=progress)
 
     def mark_writer(self, session: SessionOrConnection) -> None:
         """Mark the caller's transaction as one that will append, before it writes
@@ -622,9 +644,7 @@ def _validate(
     if not isinstance(first, Event):
         raise errors.ValidationError(f"events[0] is a {type(first).__name__}, not an Event")
     key = (first.bounded_context, first.aggregate_type, first.aggregate_id)
-    for name, value in zip(("bounded_context", "aggregate_type", "aggregate_id"), key, strict=True):
-        _require_text(f"events[0].{name}", value)
-        _require_max_bytes(f"events[0].{name}", value, _KEY_MAX_BYTES[name])
+    _check_key(key, "events[0]")
     now = datetime.now(UTC)
     seen: set[uuid.UUID] = set()
     batch = _Batch(
@@ -655,55 +675,16 @@ def _validate(
                 f"{event.aggregate_id}, but one append takes events of one aggregate "
                 f"({key[0]}/{key[1]}/{key[2]})"
             )
-        if event.event_type != checked_type or type(event.event_type) is not str:
-            _require_text(f"events[{i}].event_type", event.event_type)
-            checked_type = event.event_type
-        if not isinstance(event.event_id, uuid.UUID):
-            raise errors.ValidationError(f"events[{i}].event_id must be a uuid.UUID")
         if event.event_id in seen:
             raise errors.DuplicateEventError(f"events[{i}].event_id {event.event_id} appears twice")
+        payload_json, metadata_json, created = check_event(
+            event, encode, now, f"events[{i}]", check_type=event.event_type != checked_type
+        )
+        checked_type = event.event_type
         seen.add(event.event_id)
-        ev_version = event.event_version
-        if (
-            isinstance(ev_version, bool)
-            or not isinstance(ev_version, int)
-            or not 1 <= ev_version <= _MAX_INT32
-        ):
-            raise errors.ValidationError(
-                f"events[{i}].event_version must be an int in 1..{_MAX_INT32}, got {ev_version!r}"
-            )
-        if event.metadata is not None and not isinstance(event.metadata, Mapping):
-            raise errors.ValidationError(f"events[{i}].metadata must be a mapping or None")
-        if not (
-            event.causation_id is None and event.correlation_id is None and event.trace_id is None
-        ):
-            for name in ("causation_id", "correlation_id", "trace_id"):
-                value = getattr(event, name)
-                if value is None:
-                    continue
-                if not isinstance(value, str):
-                    raise errors.ValidationError(
-                        f"events[{i}].{name} must be a str, a uuid.UUID or None"
-                    )
-                if "\x00" in value:
-                    raise errors.ValidationError(f"events[{i}].{name} contains a NUL character")
-                _require_utf8(f"events[{i}].{name}", value)
-        created = event.created_at
-        if created is None:
-            created = now
-        elif not isinstance(created, datetime) or created.tzinfo is None:
-            raise errors.ValidationError(
-                f"events[{i}].created_at must be a timezone-aware datetime"
-            )
         batch.event_ids.append(event.event_id)
         batch.event_types.append(event.event_type)
-        batch.event_versions.append(ev_version)
-        payload_json = _to_json(f"events[{i}].payload", event.payload, encode)
-        metadata_json = (
-            None
-            if event.metadata is None
-            else _to_json(f"events[{i}].metadata", dict(event.metadata), encode)
-        )
+        batch.event_versions.append(event.event_version)
         batch.payloads_json.append(payload_json)
         batch.metadatas_json.append(metadata_json)
         if decoded:
@@ -717,6 +698,67 @@ def _validate(
         batch.trace_ids.append(event.trace_id)
         batch.created_ats.append(created)
     return batch
+
+
+def _check_key(key: tuple[str, str, str], where: str) -> None:
+    """Refuse an aggregate key the database could not store or index."""
+    for name, value in zip(("bounded_context", "aggregate_type", "aggregate_id"), key, strict=True):
+        _require_text(f"{where}.{name}", value)
+        _require_max_bytes(f"{where}.{name}", value, _KEY_MAX_BYTES[name])
+
+
+def check_event(
+    event: Event,
+    encode: Callable[[object], str],
+    now: datetime,
+    where: str,
+    *,
+    check_type: bool = True,
+) -> tuple[str, str | None, datetime]:
+    """Check one event's own fields (not its aggregate key, which ``_check_key`` checks
+    once per aggregate) and return its payload and metadata as JSON text and its
+    ``created_at`` (``now`` when it has none). ``where`` names it in errors.
+
+    The one place the rules for an event live: an append and a bulk import refuse the
+    same input with the same errors. ``check_type=False`` skips the event type when the
+    caller has just checked the same value.
+    """
+    if check_type or type(event.event_type) is not str:
+        _require_text(f"{where}.event_type", event.event_type)
+    if not isinstance(event.event_id, uuid.UUID):
+        raise errors.ValidationError(f"{where}.event_id must be a uuid.UUID")
+    ev_version = event.event_version
+    if (
+        isinstance(ev_version, bool)
+        or not isinstance(ev_version, int)
+        or not 1 <= ev_version <= _MAX_INT32
+    ):
+        raise errors.ValidationError(
+            f"{where}.event_version must be an int in 1..{_MAX_INT32}, got {ev_version!r}"
+        )
+    metadata = event.metadata
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise errors.ValidationError(f"{where}.metadata must be a mapping or None")
+    if not (event.causation_id is None and event.correlation_id is None and event.trace_id is None):
+        for name in ("causation_id", "correlation_id", "trace_id"):
+            value = getattr(event, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise errors.ValidationError(f"{where}.{name} must be a str, a uuid.UUID or None")
+            if "\x00" in value:
+                raise errors.ValidationError(f"{where}.{name} contains a NUL character")
+            _require_utf8(f"{where}.{name}", value)
+    created = event.created_at
+    if created is None:
+        created = now
+    elif not isinstance(created, datetime) or created.tzinfo is None:
+        raise errors.ValidationError(f"{where}.created_at must be a timezone-aware datetime")
+    payload_json = _to_json(f"{where}.payload", event.payload, encode)
+    metadata_json = (
+        None if metadata is None else _to_json(f"{where}.metadata", dict(metadata), encode)
+    )
+    return payload_json, metadata_json, created
 
 
 _MAX_INT32 = 2**31 - 1

@@ -181,6 +181,14 @@ def note_append(
     pending.append((events_table, bounded_context, aggregate_type, partition_hash))
 
 
+def note_broad_append(connection: sa.Connection, events_table: str) -> None:
+    """Remember appends too many to list (a bulk import of many aggregates): once the
+    transaction commits, every subscriber of ``events_table`` is woken by one hint,
+    instead of a hint listing (and every processor matching) each scope."""
+    # An empty bounded context, which no append has, stands for every scope.
+    note_append(connection, events_table, "", "", 0)
+
+
 def publish_checkpoint(engine: sa.Engine, events_table: str, checkpoint_name: str) -> None:
     """Say that a projection's checkpoint moved (after the batch committed): waiters
     (:func:`eventsource.wait_until_handled`) look again."""
@@ -244,11 +252,17 @@ def _flush(info: dict[Any, Any]) -> None:
     if hub is None or hub.pid != os.getpid():
         return
     by_channel: dict[str, set[tuple[str, str, int]]] = {}
+    broad: set[str] = set()
     for events_table, bounded_context, aggregate_type, partition_hash in committed:
+        if not bounded_context:  # note_broad_append
+            broad.add(channel_for(events_table))
+            continue
         by_channel.setdefault(channel_for(events_table), set()).add(
             (bounded_context, aggregate_type, partition_hash)
         )
-    hub.publish({channel: Hint(appended=frozenset(s)) for channel, s in by_channel.items()})
+    hints = {channel: Hint(appended=frozenset(s)) for channel, s in by_channel.items()}
+    hints.update(dict.fromkeys(broad, EVERYTHING))
+    hub.publish(hints)
 
 
 # Listened on the classes, once, when this module is imported: they then apply to every

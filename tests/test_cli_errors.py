@@ -57,6 +57,7 @@ COMMANDS: list[list[str]] = [
     ["dead-letters", "list"],
     ["dead-letters", "retry", "1", "--app", APP_SPEC],
     ["dead-letters", "discard", "1", "--yes"],
+    ["import", "-"],
 ]
 
 

@@ -86,6 +86,7 @@ EXPECTED_OUTPUT = {
     "store.mark_writer(session)": ["appended"],
     "sqlite_synchronous": ["2", "1"],  # FULL by default, then NORMAL when asked
     "class UserCounter": ["0"],
+    "store.bulk_append(conn, history()": ["10000 100", "1 102"],
     "class CartLines": ["[2, 2] True", "4 -> 6", "[3, 3]", "[]"],
     "QUARANTINE_AGGREGATE": [
         "2",
