@@ -513,6 +513,12 @@ class _PostgresWriter(_Writer):
                 f"bulk_append on PostgreSQL needs psycopg 3 (postgresql+psycopg://), not "
                 f"{conn.dialect.driver!r}"
             )
+        if conn.dialect.is_async:
+            raise errors.ConfigurationError(
+                "bulk_append needs a synchronous engine (its COPY runs on the driver "
+                "connection); import from a script or `eventsource import`, not through "
+                "an async engine's run_sync"
+            )
         from psycopg import sql
 
         names = store.tables.names

@@ -51,15 +51,17 @@ def fetch_all(
 
 
 def _direct(conn: sa.Connection) -> bool:
-    """Whether the statement may bypass SQLAlchemy: psycopg underneath, and nobody
-    listening to statement execution or logging it.
+    """Whether the statement may bypass SQLAlchemy: synchronous psycopg underneath, and
+    nobody listening to statement execution or logging it.
 
     The engine's listeners are asked, not the Connection's: a Connection's own
     collections are built afresh for each Connection, which costs more than the check
     saves. Listeners on a Connection itself (or on the Connection class) set its
     ``_has_events``, which sends every statement through SQLAlchemy.
     """
-    if conn.dialect.driver != "psycopg" or getattr(conn, "_echo", True):
+    if conn.dialect.driver != "psycopg" or conn.dialect.is_async:
+        return False  # an async engine's driver connection (run_sync) needs awaiting
+    if getattr(conn, "_echo", True):
         return False
     if getattr(conn, "_has_events", True):
         return False

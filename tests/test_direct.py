@@ -8,6 +8,7 @@ events and logging, which see the statement whenever anyone listens.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -186,3 +187,32 @@ def test_sqlalchemy_logging_shows_the_append(
         assert any(is_append(r.getMessage()) for r in caplog.records)
     finally:
         logged.dispose()
+
+
+def test_an_async_engines_run_sync_takes_sqlalchemys_path(
+    pg_url: sa.URL, engine: sa.Engine
+) -> None:
+    """Inside ``run_sync`` the driver connection is psycopg's async one: the direct path
+    would get coroutines back, so the statement goes through SQLAlchemy, which awaits.
+    (Without wake-ups: their notifier cannot connect through an async engine's pool yet.)"""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    store = es.EventStore(notify=False)
+
+    async def scenario() -> tuple[int, str]:
+        async_engine = create_async_engine(pg_url)
+        try:
+            async with AsyncSession(async_engine) as session, session.begin():
+                result = await session.run_sync(lambda s: store.append(s, [order()]))
+            async with AsyncSession(async_engine) as session:
+                with pytest.raises(es.ConfigurationError) as refused:
+                    await session.run_sync(lambda s: store.bulk_append(s, [order("o-2")]))
+            return result.to_version, str(refused.value)
+        finally:
+            await async_engine.dispose()
+
+    version, refusal = asyncio.run(scenario())
+    assert version == 1
+    assert "synchronous engine" in refusal
+    assert appended(engine, store) == 1
+    assert appended(engine, store, "o-2") == 0
