@@ -57,6 +57,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from eventsource import database
+
 logger = logging.getLogger("eventsource.wakeups")
 
 #: Keys of our notes in a DBAPI connection's ``info`` (SQLAlchemy's per-connection dict).
@@ -369,9 +371,17 @@ class _Hub:
         add to or disturb the connections of the application's pool."""
         with self._lock:
             if self._pool is None:
-                self._pool = self.engine.pool.recreate()
+                self._pool = self._own_pool()
             pool = self._pool
         return pool.connect()
+
+    def _own_pool(self) -> sa.pool.Pool:
+        if not self.engine.dialect.is_async:
+            return self.engine.pool.recreate()
+        # An async engine's pool connects only inside its event loop, and the notifier
+        # and listener are threads: they connect synchronously to the same URL, with
+        # create_engine's timeouts (the async engine's connect_args are not visible).
+        return database.create_engine(self.engine.url, poolclass=sa.pool.NullPool).pool
 
     # -- publishing
 

@@ -193,11 +193,10 @@ def test_an_async_engines_run_sync_takes_sqlalchemys_path(
     pg_url: sa.URL, engine: sa.Engine
 ) -> None:
     """Inside ``run_sync`` the driver connection is psycopg's async one: the direct path
-    would get coroutines back, so the statement goes through SQLAlchemy, which awaits.
-    (Without wake-ups: their notifier cannot connect through an async engine's pool yet.)"""
+    would get coroutines back, so the statement goes through SQLAlchemy, which awaits."""
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-    store = es.EventStore(notify=False)
+    store = es.EventStore()
 
     async def scenario() -> tuple[int, str]:
         async_engine = create_async_engine(pg_url)

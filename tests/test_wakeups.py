@@ -695,3 +695,34 @@ def test_channels_fit_postgresql_identifiers_and_stay_distinct() -> None:
     assert len(set(channels)) == len(names), channels
     assert wakeups.channel_for("x" * 51) == "eventsource." + "x" * 51
     assert all(channel.startswith("eventsource.") for channel in channels)
+
+
+@pytest.mark.postgres
+def test_an_append_through_an_async_engines_run_sync_notifies_other_processes(
+    pg_url: sa.URL,
+) -> None:
+    """The notifier is a thread: for an async engine it connects synchronously (the
+    async pool connects only inside its event loop)."""
+    import asyncio
+
+    import psycopg
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    conninfo = pg_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as listening:
+        listening.execute(f'LISTEN "{wakeups.channel_for("events")}"')
+
+        async def append() -> None:
+            async_engine = create_async_engine(pg_url)
+            try:
+                async with AsyncSession(async_engine) as session, session.begin():
+                    await session.run_sync(lambda s: es.EventStore().append(s, [event("async-1")]))
+            finally:
+                await async_engine.dispose()
+
+        asyncio.run(append())
+        received = list(listening.notifies(timeout=10, stop_after=1))
+    assert len(received) == 1
+    token, hint = wakeups.decode(received[0].payload)
+    assert token is not None
+    assert ("sales", "Order", fnv1a_32("async-1")) in hint.appended
