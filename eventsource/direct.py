@@ -54,18 +54,19 @@ def _direct(conn: sa.Connection) -> bool:
     """Whether the statement may bypass SQLAlchemy: synchronous psycopg underneath, and
     nobody listening to statement execution or logging it.
 
-    The engine's listeners are asked, not the Connection's: a Connection's own
-    collections are built afresh for each Connection, which costs more than the check
-    saves. Listeners on a Connection itself (or on the Connection class) set its
-    ``_has_events``, which sends every statement through SQLAlchemy.
+    Usually the engine's listeners are asked, not the Connection's: a Connection's own
+    collections (its listeners joined with the engine's) are built afresh for each
+    Connection, which costs more than the check saves. They are asked when the
+    Connection may have listeners of its own: SQLAlchemy 2.1 then marks it
+    (``_has_events`` in its ``__dict__``, or on the class); 2.0 marks every Connection
+    of an engine with any listener, so there they are always asked.
     """
     if conn.dialect.driver != "psycopg" or conn.dialect.is_async:
         return False  # an async engine's driver connection (run_sync) needs awaiting
     if getattr(conn, "_echo", True):
         return False
-    if getattr(conn, "_has_events", True):
-        return False
-    dispatch = conn.engine.dispatch
+    own = "_has_events" in vars(conn) or getattr(type(conn), "_has_events", True)
+    dispatch = conn.dispatch if own else conn.engine.dispatch
     return not (
         dispatch.before_execute
         or dispatch.after_execute
