@@ -6,6 +6,7 @@ step with projections run by a :class:`Processor` or :class:`Runner`.
 
 from __future__ import annotations
 
+from eventsource.async_store import AsyncEventStore, create_async_engine
 from eventsource.bulk import BulkAppendResult
 from eventsource.database import (
     configure_engine,
@@ -56,6 +57,7 @@ from eventsource.store import EventStore
 __all__ = [
     "AppendOrderError",
     "AppendResult",
+    "AsyncEventStore",
     "BatchResult",
     "BulkAppendResult",
     "CheckpointLostError",
@@ -94,6 +96,7 @@ __all__ = [
     "WaitTimeoutError",
     "cancel_reshard",
     "configure_engine",
+    "create_async_engine",
     "create_engine",
     "database_url",
     "downgrade",

@@ -108,6 +108,23 @@ def create_engine(
     recognisable in ``pg_stat_activity``. Other keyword arguments go to
     :func:`sqlalchemy.create_engine`.
     """
+    resolved, kwargs = engine_arguments(
+        url, sqlite_synchronous=sqlite_synchronous, application_name=application_name, **kwargs
+    )
+    return configure_engine(
+        sa.create_engine(resolved, **kwargs), sqlite_synchronous=sqlite_synchronous
+    )
+
+
+def engine_arguments(
+    url: str | sa.URL | None = None,
+    *,
+    sqlite_synchronous: SqliteSynchronous = SQLITE_SYNCHRONOUS_DEFAULT,
+    application_name: str = DEFAULT_APPLICATION_NAME,
+    **kwargs: Any,
+) -> tuple[sa.URL, dict[str, Any]]:
+    """The URL and keyword arguments :func:`create_engine` (and its async twin) give
+    SQLAlchemy: the URL resolved, and on psycopg the libpq defaults added."""
     _check_synchronous(sqlite_synchronous)
     resolved = database_url(url)
     if resolved.get_backend_name() == "postgresql" and resolved.get_driver_name() == "psycopg":
@@ -117,9 +134,7 @@ def create_engine(
         named = {**PG_CONNECT_DEFAULTS, "application_name": application_name}
         defaults = {k: v for k, v in named.items() if k not in given}
         kwargs["connect_args"] = {**defaults, **kwargs.get("connect_args", {})}
-    return configure_engine(
-        sa.create_engine(resolved, **kwargs), sqlite_synchronous=sqlite_synchronous
-    )
+    return resolved, kwargs
 
 
 def configure_engine(
@@ -270,9 +285,19 @@ def _has_sqlite_begin(target: sa.Engine | sa.Connection) -> bool:
     return _sqlite_begin in target.dispatch.begin
 
 
+def _sqlite_in_transaction(connection: sa.Connection) -> bool:
+    """Whether the sqlite3 connection under ``connection`` is inside a transaction
+    (aiosqlite's: SQLAlchemy's adapter does not pass the attribute on)."""
+    fairy = connection.connection
+    dbapi_connection: Any = fairy.dbapi_connection
+    if hasattr(dbapi_connection, "in_transaction"):
+        return bool(dbapi_connection.in_transaction)
+    return bool(fairy.driver_connection.in_transaction)  # type: ignore[union-attr]
+
+
 def _sqlite_begin(connection: sa.Connection) -> None:
     """The "begin" listener: BEGIN IMMEDIATE, or a deferred BEGIN for read-only use."""
-    in_transaction = connection.connection.dbapi_connection.in_transaction  # type: ignore[union-attr]
+    in_transaction = _sqlite_in_transaction(connection)
     if connection.get_execution_options().get(READ_ONLY_OPTION):
         if not in_transaction:
             connection.exec_driver_sql("BEGIN")

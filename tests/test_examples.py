@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 import eventsource
 from eventsource.partition import fnv1a_32
+from tests.conftest import PostgresServer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 #: Generous: the slowest example takes a few seconds, but CI machines can be busy.
@@ -721,3 +722,40 @@ def test_app_with_alembic_refuses_a_database_migrated_by_eventsource_upgrade(
     )
     assert result.returncode == 1
     assert "Point DATABASE_URL at a database of its own" in result.stderr
+
+
+def test_fastapi_app_demo_and_its_own_tests(target: Target, request: pytest.FixtureRequest) -> None:
+    if target.dialect == "sqlite":
+        # This example's default is its own file, fastapi_app.db.
+        target = Target(
+            sa.make_url(f"sqlite:///{target.cwd / 'fastapi_app.db'}"), target.cwd, target.env
+        )
+    output = target.run("fastapi_app/demo.py")
+    assert "add tea: 200 {'version': 1, 'position': 1}" in output
+    assert "add pot at a stale version: 409 {'error': 'version conflict', 'expected': 1" in output
+    assert "read before the worker ran: 404" in output
+    assert "worker handled 2 events" in output
+    assert "read: 200 {'items': 2, 'total_cents': 1650}" in output
+    assert target.scalar("SELECT item_count FROM cart_totals") == 2
+    target.engine.dispose()
+
+    # The example's own tests, with the async fixtures, on the same kind of database.
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if target.dialect == "postgresql":
+        server: PostgresServer = request.getfixturevalue("pg_server")
+        args += ["--eventsource-db-url", server.admin_url.render_as_string(hide_password=False)]
+    env = {
+        key: value
+        for key, value in target.env.items()
+        if not key.startswith(("PYTEST_", "EVENTSOURCE_TEST_")) and key != "DATABASE_URL"
+    }
+    tests = subprocess.run(
+        args,
+        cwd=EXAMPLES / "fastapi_app",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert "3 passed" in tests.stdout

@@ -87,6 +87,12 @@ EXPECTED_OUTPUT = {
     "sqlite_synchronous": ["2", "1"],  # FULL by default, then NORMAL when asked
     "class UserCounter": ["0"],
     "store.bulk_append(conn, history()": ["10000 100", "1 102"],
+    "es.create_async_engine()  # $DATABASE_URL": [
+        "1",
+        "conflict, actual version 1",
+        "['tea']",
+        "True",
+    ],
     "class CartLines": ["[2, 2] True", "4 -> 6", "[3, 3]", "[]"],
     "QUARANTINE_AGGREGATE": [
         "2",

@@ -458,3 +458,61 @@ def test_app_alembic_without_the_branch_and_app_metadata(
     result = pytester.runpytest_subprocess(*QUIET, *db_args)
     result.assert_outcomes(passed=3)
     assert sqlite_files(pytester.path) == []
+
+
+ASYNC_TESTS = """
+import pytest
+import sqlalchemy as sa
+
+import eventsource as es
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def opened(number):
+    return es.Event(
+        bounded_context="shop", aggregate_type="Cart", aggregate_id="cart-1",
+        event_type="CartOpened", payload={"n": number},
+    )
+
+
+@pytest.mark.parametrize("round", [1, 2])
+async def test_commit_leaves_nothing_behind(eventsource_async_session, async_event_store, round):
+    store = async_event_store
+    assert await store.stream_version(eventsource_async_session, "shop", "Cart", "cart-1") == 0
+    await store.append(eventsource_async_session, [opened(round)], es.ExpectedVersion.no_stream())
+    await eventsource_async_session.commit()  # a savepoint: the test's transaction rolls back
+    assert await store.stream_version(eventsource_async_session, "shop", "Cart", "cart-1") == 1
+
+
+async def test_the_connection_sees_the_sessions_writes(
+    eventsource_async_session, eventsource_async_connection, async_event_store
+):
+    await async_event_store.append(eventsource_async_session, [opened(3)])
+    await eventsource_async_session.flush()
+    events = await async_event_store.read_all(eventsource_async_connection)
+    assert [e.payload for e in events] == [{"n": 3}]
+
+
+async def test_a_conflict_is_typed(eventsource_async_session, async_event_store):
+    await async_event_store.append(eventsource_async_session, [opened(4)])
+    with pytest.raises(es.OptimisticConcurrencyError):
+        await async_event_store.append(
+            eventsource_async_session, [opened(5)], es.ExpectedVersion.no_stream()
+        )
+"""
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_async_fixtures_in_a_user_project(
+    pytester: pytest.Pytester, inner_env: None, db_args: list[str], workers: list[str]
+) -> None:
+    pytester.makepyfile(test_async_project=ASYNC_TESTS)
+    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    result = pytester.runpytest_subprocess(*QUIET, *workers, *db_args)
+    result.assert_outcomes(passed=4)

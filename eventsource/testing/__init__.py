@@ -18,6 +18,18 @@ works too. Fixtures:
     ``commit()``/``begin_nested()`` freely and no test sees another's data.
 ``event_store``
     An :class:`~eventsource.EventStore`.
+``eventsource_async_engine``, ``eventsource_async_connection``,
+``eventsource_async_session``, ``async_event_store``
+    The async twins, for asyncio applications: an AsyncEngine
+    (:func:`eventsource.create_async_engine`) on the same test database, made per test
+    (an async engine's connections belong to the event loop that made them); an
+    AsyncConnection inside an outer transaction rolled back after the test; an
+    AsyncSession joined to it through savepoints; an
+    :class:`~eventsource.AsyncEventStore`; and ``async_run_projections``,
+    ``run_projections`` in that transaction (``await async_run_projections(...)``).
+    They are async fixtures for anyio's pytest plugin, which FastAPI, Starlette and
+    httpx already install: mark the tests (or the module) ``@pytest.mark.anyio``.
+    Needs the ``asyncio`` extra.
 ``run_projections``
     ``run_projections(*projections)`` runs projections inside the test's transaction
     until they have handled everything appended so far and returns what each handled.
@@ -55,8 +67,9 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
@@ -64,11 +77,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from eventsource import database, errors
 from eventsource import handled as handled_events
+from eventsource.async_store import AsyncEventStore
 from eventsource.events import PersistedEvent
 from eventsource.partition import PartitionStrategy
 from eventsource.processor import Processor, ProcessorConfig
 from eventsource.projection import Projection
 from eventsource.store import EventStore
+
+if TYPE_CHECKING:  # greenlet (the asyncio extra) is only needed by the async fixtures
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 URL_OPTION = "--eventsource-db-url"
 URL_ENV = "EVENTSOURCE_TEST_DATABASE_URL"
@@ -123,6 +140,7 @@ class ProjectionRun(dict[str, list[PersistedEvent]]):
 
 
 RunProjections = Callable[..., ProjectionRun]
+AsyncRunProjections = Callable[..., Awaitable[ProjectionRun]]
 WaitUntilHandled = Callable[..., None]
 
 
@@ -336,6 +354,50 @@ def event_store() -> EventStore:
 
 
 @pytest.fixture
+async def eventsource_async_engine(eventsource_db_url: sa.URL) -> AsyncIterator[AsyncEngine]:
+    from eventsource.async_store import create_async_engine
+
+    engine = create_async_engine(eventsource_db_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def eventsource_async_connection(
+    eventsource_async_engine: AsyncEngine,
+) -> AsyncIterator[AsyncConnection]:
+    async with eventsource_async_engine.connect() as connection:
+        transaction = await connection.begin()
+        try:
+            yield connection
+        finally:
+            await transaction.rollback()
+
+
+@pytest.fixture
+async def eventsource_async_session(
+    eventsource_async_connection: AsyncConnection,
+) -> AsyncIterator[AsyncSession]:
+    """An AsyncSession joined to the test's transaction through savepoints: code under
+    test may ``await session.commit()`` freely and no test sees another's data."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async with AsyncSession(
+        bind=eventsource_async_connection,
+        join_transaction_mode="create_savepoint",
+        expire_on_commit=False,
+    ) as session:
+        yield session
+
+
+@pytest.fixture
+def async_event_store() -> AsyncEventStore:
+    return AsyncEventStore()
+
+
+@pytest.fixture
 def run_projections(
     eventsource_sessionmaker: sessionmaker[Session],
     eventsource_session: Session,
@@ -350,29 +412,73 @@ def run_projections(
     ) -> ProjectionRun:
         # What the test wrote through its session must be visible to the processor.
         eventsource_session.flush()
-        result = ProjectionRun()
-        for projection in projections:
-            recorder = _Recorder(projection)
-            for key in range(total_partitions):
-                config = ProcessorConfig(
-                    batch_size=batch_size, partition_key=key, total_partitions=total_partitions
-                )
-                processor = Processor(eventsource_sessionmaker, event_store, config)
-                processor.warn_on_own_transaction = False  # the test's transaction rolls back
-                try:
-                    processor.run_until_caught_up(recorder)
-                except Exception as exc:
-                    cause = exc.__cause__
-                    if cause is not None and isinstance(cause, Exception):
-                        cause.add_note(str(exc))
-                        raise cause from None
-                    raise
-            result[projection.name] = recorder.handled
+        result = _run_projections(
+            eventsource_sessionmaker, event_store, projections, batch_size, total_partitions
+        )
         # Let the test's session see what the handlers wrote.
         eventsource_session.expire_all()
         return result
 
     return run
+
+
+@pytest.fixture
+def async_run_projections(
+    eventsource_async_connection: AsyncConnection,
+    eventsource_async_session: AsyncSession,
+    async_event_store: AsyncEventStore,
+) -> AsyncRunProjections:
+    """``await async_run_projections(*projections)``: ``run_projections`` for the async
+    fixtures, in the test's async transaction (the processor runs through ``run_sync``)."""
+
+    async def run(
+        *projections: Projection,
+        batch_size: int = 100,
+        total_partitions: int = 1,
+    ) -> ProjectionRun:
+        await eventsource_async_session.flush()
+
+        def in_transaction(connection: sa.Connection) -> ProjectionRun:
+            maker = sessionmaker(
+                bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+            )
+            return _run_projections(
+                maker, async_event_store.store, projections, batch_size, total_partitions
+            )
+
+        result = await eventsource_async_connection.run_sync(in_transaction)
+        eventsource_async_session.expire_all()
+        return result
+
+    return run
+
+
+def _run_projections(
+    maker: sessionmaker[Session],
+    store: EventStore,
+    projections: Sequence[Projection],
+    batch_size: int,
+    total_partitions: int,
+) -> ProjectionRun:
+    result = ProjectionRun()
+    for projection in projections:
+        recorder = _Recorder(projection)
+        for key in range(total_partitions):
+            config = ProcessorConfig(
+                batch_size=batch_size, partition_key=key, total_partitions=total_partitions
+            )
+            processor = Processor(maker, store, config)
+            processor.warn_on_own_transaction = False  # the test's transaction rolls back
+            try:
+                processor.run_until_caught_up(recorder)
+            except Exception as exc:
+                cause = exc.__cause__
+                if cause is not None and isinstance(cause, Exception):
+                    cause.add_note(str(exc))
+                    raise cause from None
+                raise
+        result[projection.name] = recorder.handled
+    return result
 
 
 @pytest.fixture
@@ -428,11 +534,17 @@ class _Recorder(Projection, abstract=True):
 
 
 __all__ = [
+    "AsyncRunProjections",
     "ProjectionRun",
     "RunProjections",
     "WaitUntilHandled",
+    "async_event_store",
+    "async_run_projections",
     "create_schema",
     "event_store",
+    "eventsource_async_connection",
+    "eventsource_async_engine",
+    "eventsource_async_session",
     "eventsource_connection",
     "eventsource_db_url",
     "eventsource_engine",
