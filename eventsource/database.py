@@ -224,6 +224,18 @@ def require_configured(target: sa.Engine | sa.Connection, *, what: str) -> None:
         )
 
 
+def refuse_async(target: object, what: str) -> None:
+    """Refuse an async engine, connection or session given to synchronous code, saying
+    how async code runs it (SQLAlchemy's own error names neither)."""
+    if type(target).__module__.startswith("sqlalchemy.ext.asyncio"):
+        raise errors.ConfigurationError(
+            f"{what} got an {type(target).__name__}, and run synchronously: from async "
+            "code, run them through run_sync (async with engine.begin() as conn: await "
+            "conn.run_sync(eventsource.upgrade)), and append and read with "
+            "eventsource.AsyncEventStore"
+        )
+
+
 def _check_synchronous(level: object) -> None:
     if level not in get_args(SqliteSynchronous):
         raise errors.ConfigurationError(
@@ -348,6 +360,7 @@ def _connected(
     if isinstance(target, sa.Connection):
         yield target
         return
+    refuse_async(target, "eventsource's migrations")
     engine = target if isinstance(target, sa.Engine) else create_engine(target)
     try:
         with engine.begin() as connection:

@@ -72,6 +72,7 @@ def connection_of(session: SessionOrConnection) -> sa.Connection:
         return session.connection()
     if isinstance(session, sa.Connection):
         return session
+    database.refuse_async(session, "EventStore (and status)")
     raise errors.ValidationError(
         "expected a SQLAlchemy Session or Connection (or a scoped_session), got "
         f"{type(session).__name__}"

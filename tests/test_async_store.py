@@ -199,3 +199,14 @@ async def test_postgresql_urls_mean_psycopgs_async_driver(pg_url: sa.URL) -> Non
         assert str(name).startswith("async-")
     finally:
         await engine.dispose()
+
+
+async def test_synchronous_calls_given_async_objects_say_how(async_engine: AsyncEngine) -> None:
+    with pytest.raises(es.ConfigurationError, match="run_sync"):
+        es.upgrade(async_engine)  # type: ignore[arg-type]
+    with pytest.raises(es.ConfigurationError, match="run_sync"):
+        status(async_engine)  # type: ignore[arg-type]
+    async with AsyncSession(async_engine) as session:
+        with pytest.raises(es.ConfigurationError, match="AsyncEventStore"):
+            es.EventStore().append(session, [order()])  # type: ignore[arg-type]
+    assert await version_of(async_engine) == 0
