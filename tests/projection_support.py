@@ -294,10 +294,11 @@ def assert_matches_checkpoint(engine: sa.Engine, projection: str) -> None:
         assert found.events_handled == len(rows)
 
 
-def wait_readable(engine: sa.Engine, *, timeout: float = 30.0) -> None:
+def wait_readable(engine: sa.Engine, *, timeout: float = 30.0, rule: str | None = None) -> None:
     """Wait until a processor may read every committed event (PostgreSQL).
 
-    Under the server rule (``horizon_rule``) processors read only below the oldest
+    ``rule``: the processors' horizon rule (default: the suite's, ``horizon_rule``).
+    Under the server rule processors read only below the oldest
     transaction still running anywhere on the server (DESIGN invariant 2), and other
     databases' transactions count too: under ``pytest -n``, or on a busy server, a
     foreign write transaction can hold committed events back for a while; under the
@@ -318,7 +319,8 @@ def wait_readable(engine: sa.Engine, *, timeout: float = 30.0) -> None:
             if newest is None:
                 return True
             # Under the store rule (the default) only the store's writers count.
-            bound = int(server) if horizon_rule == "server" else max(int(server), shared.peek(conn))
+            server_rule = (rule or horizon_rule) == "server"
+            bound = int(server) if server_rule else max(int(server), shared.peek(conn))
             return int(newest) < bound
 
     wait_until(readable, timeout=timeout)

@@ -172,7 +172,7 @@ def test_a_slow_projection_batch_does_not_hold_back_the_others(
 ) -> None:
     create_applied_table(pg_engine)
     first = commit(pg_engine, store, event("A"))
-    wait_readable(pg_engine)  # A, whatever else runs on the server (the server rule)
+    wait_readable(pg_engine, rule=rule)  # A, whatever else runs on the server (server rule)
     slow, fast = GatedLog(), LogB()
     batch = Background(lambda: processor(pg_engine, store, rule).process_batch(slow)).start()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -413,9 +414,17 @@ def test_an_open_batch_that_has_not_written_holds_no_other_projection_back(
     wait_readable(pg_engine)
     assert publishing.process_batch(publisher).handled == 1
     publisher.release.clear()
+    publisher.inside.clear()  # set by the first batch
     second = append_spread(pg_engine, store, 1, prefix="second")
     wait_readable(pg_engine)  # so the next batch reads it and stays open in handle()
-    slow = Background(lambda: publishing.process_batch(publisher)).start()
+
+    def publish_second() -> None:
+        # A batch may still use the horizon cached before "second" (at most a poll
+        # interval old) and read nothing: then the next one reads it.
+        while publishing.process_batch(publisher).handled == 0:
+            time.sleep(0.02)
+
+    slow = Background(publish_second).start()
     try:
         assert publisher.inside.wait(30)
         third = append_spread(pg_engine, store, 1, prefix="third")  # committed meanwhile
