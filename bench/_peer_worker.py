@@ -119,6 +119,21 @@ class Database:
     user: str
     password: str
 
+    def peer_datastore(self, **options: Any) -> Any:
+        """The peer's PostgreSQL datastore on this database, in its schema (the caller
+        closes it)."""
+        from eventsourcing.postgres import PostgresDatastore
+
+        return PostgresDatastore(
+            dbname=self.dbname,
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            schema=PEER_SCHEMA,
+            **options,
+        )
+
     def peer_env(self) -> dict[str, str]:
         """The peer's environment for its PostgreSQL infrastructure factory."""
         return {
@@ -226,18 +241,10 @@ class Sides:
 
     def peer_writer(self, aggregates: Aggregates, batch: int) -> Transaction:
         from eventsourcing.persistence import StoredEvent
-        from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+        from eventsourcing.postgres import PostgresApplicationRecorder
 
         if self._peer is None:
-            datastore = PostgresDatastore(
-                dbname=self.db.dbname,
-                host=self.db.host,
-                port=self.db.port,
-                user=self.db.user,
-                password=self.db.password,
-                schema=PEER_SCHEMA,
-                pool_size=1,
-            )
+            datastore = self.db.peer_datastore(pool_size=1)
             self.closers.append(datastore.close)
             self._peer = PostgresApplicationRecorder(datastore, events_table_name=PEER_APPEND_TABLE)
         recorder: PostgresApplicationRecorder = self._peer

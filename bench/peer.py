@@ -289,16 +289,9 @@ class Case:
 
 def create_peer_append_table(db: Database) -> None:
     """The peer's events table of the append part, made by its own ``create_table()``."""
-    from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+    from eventsourcing.postgres import PostgresApplicationRecorder
 
-    datastore = PostgresDatastore(
-        dbname=db.dbname,
-        host=db.host,
-        port=db.port,
-        user=db.user,
-        password=db.password,
-        schema=PEER_SCHEMA,
-    )
+    datastore = db.peer_datastore()
     try:
         PostgresApplicationRecorder(datastore, events_table_name=PEER_APPEND_TABLE).create_table()
     finally:
@@ -433,11 +426,7 @@ class Seeded:
 def create_catch_up_tables(conninfo: str, db: Database) -> None:
     """Both counters (one row each); the peer's events and tracking tables, by its
     own ``create_table()`` (the catch-up process then runs with ``CREATE_TABLE=n``)."""
-    from eventsourcing.postgres import (
-        PostgresApplicationRecorder,
-        PostgresDatastore,
-        PostgresTrackingRecorder,
-    )
+    from eventsourcing.postgres import PostgresApplicationRecorder, PostgresTrackingRecorder
 
     with psycopg.connect(conninfo, autocommit=True) as conn:
         for schema, table in (("public", ES_COUNTER_TABLE), (PEER_SCHEMA, PEER_COUNTER_TABLE)):
@@ -446,14 +435,7 @@ def create_catch_up_tables(conninfo: str, db: Database) -> None:
                 sql.SQL("CREATE TABLE {} (name text PRIMARY KEY, n bigint NOT NULL)").format(name)
             )
             conn.execute(sql.SQL("INSERT INTO {} VALUES (%s, 0)").format(name), (COUNTER_NAME,))
-    datastore = PostgresDatastore(
-        dbname=db.dbname,
-        host=db.host,
-        port=db.port,
-        user=db.user,
-        password=db.password,
-        schema=PEER_SCHEMA,
-    )
+    datastore = db.peer_datastore()
     try:
         PostgresApplicationRecorder(datastore, events_table_name=PEER_APP_TABLE).create_table()
         PostgresTrackingRecorder(datastore, tracking_table_name=PEER_TRACKING_TABLE).create_table()
@@ -470,7 +452,7 @@ def seed(conninfo: str, db: Database, events: int, aggregates: int) -> Seeded:
     the same order.
     """
     from eventsourcing.persistence import StoredEvent
-    from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+    from eventsourcing.postgres import PostgresApplicationRecorder
 
     started = time.perf_counter()
     ids = [seeded_aggregate_id(a) for a in range(aggregates)]
@@ -520,14 +502,7 @@ def seed(conninfo: str, db: Database, events: int, aggregates: int) -> Seeded:
 
     started = time.perf_counter()
     originator_ids = [seeded_originator_id(a) for a in range(aggregates)]
-    datastore = PostgresDatastore(
-        dbname=db.dbname,
-        host=db.host,
-        port=db.port,
-        user=db.user,
-        password=db.password,
-        schema=PEER_SCHEMA,
-    )
+    datastore = db.peer_datastore()
     try:
         recorder = PostgresApplicationRecorder(datastore, events_table_name=PEER_APP_TABLE)
         for start in range(0, events, PEER_SEED_BATCH):
